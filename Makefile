@@ -1,0 +1,41 @@
+# GF-Screen: every target sets up what it needs. `make demo` screens a CT, `make test` runs the test suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CT ?=
+OUT ?= output/demo
+
+.PHONY: setup system-deps demo test test-all bench pack clean
+
+$(VENV)/.installed: requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --no-deps -r requirements.lock
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Orthanc (DICOMweb tests) comes from Debian; installed only when running as root with apt, else those tests skip.
+system-deps:
+	@command -v Orthanc >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb >/dev/null) \
+	  || echo "Orthanc not installed: DICOMweb tests will be skipped"; }
+
+# Screen one CT (CT=path to NIfTI/NRRD/DICOM folder) or, by default, a synthetic phantom, with the shipped weights.
+demo: setup
+	cd bundle && ../$(PY) -m scripts.screen $(if $(CT),--input $(CT),) --output_dir ../$(OUT)
+
+test: setup system-deps
+	$(PY) -m pytest -q tests
+
+# Everything, slow tests included.
+test-all: setup system-deps
+	$(PY) -m pytest -q -m "" tests
+
+bench: setup
+	cd bundle && ../$(PY) -m scripts.benchmark --output ../docs/benchmarks.md
+
+pack: setup
+	$(PY) -m bundle.scripts.pack --output dist
+
+clean:
+	rm -rf $(VENV) output dist
