@@ -1,0 +1,35 @@
+"""Evaluation engine that also reports what the Glance kept, window by window."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from monai.engines import SupervisedEvaluator
+from monai.utils import CommonKeys as Keys
+
+from .inferer import GlanceFocusInferer
+
+
+class ScreeningEvaluator(SupervisedEvaluator):
+    """SupervisedEvaluator with a :class:`GlanceFocusInferer` whose per-scan outputs also carry ``windows``: the
+    inferer's window records, each with ``has_lesion`` (the label has a lesion voxel inside the window), for the
+    glance window metrics (sensitivity, specificity, kept fraction)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.inferer, GlanceFocusInferer):
+            raise TypeError(f"ScreeningEvaluator needs a GlanceFocusInferer, got {type(self.inferer).__name__}.")
+
+    def _iteration(self, engine: ScreeningEvaluator, batchdata: dict[str, torch.Tensor]) -> list[dict]:  # type: ignore[override]
+        outputs = super()._iteration(engine, batchdata)  # already decollated at MODEL_COMPLETED
+        if not isinstance(outputs, list):
+            raise ValueError("ScreeningEvaluator attaches window records per scan, so it needs decollate=True.")
+        for item, label, windows in zip(outputs, batchdata[Keys.LABEL], engine.inferer.last_windows):
+            item["windows"] = [{**w, "has_lesion": bool(label[(slice(None), *window_slices(w))].gt(0).any())} for w in windows]
+        return outputs
+
+
+def window_slices(w: dict) -> tuple[slice, ...]:
+    """The voxel slices a window record covers (clipped at 0; slicing clips the far end)."""
+    return tuple(slice(max(s, 0), s + n) for s, n in zip(w["start"], w["size"]))

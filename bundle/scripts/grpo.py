@@ -1,0 +1,104 @@
+"""Group relative policy optimisation for the Glance model, as pure functions.
+
+Notation follows the GF-Screen poster: a *group* is the N windows cropped from one CT; the Glance policy G gives
+p(keep | window); the Focus segmentation of window i is s_i and its lesion mask m_i. Each function works on
+tensors shaped (B, N) (B scans, N windows each) or flat (B*N,) where noted.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .networks import KEEP
+
+
+def window_has_lesion(mask: torch.Tensor) -> torch.Tensor:
+    """y_i: whether window i holds any lesion voxel. ``mask`` is (M, 1, ...) -> (M,) bool."""
+    return mask.flatten(1).gt(0).any(1)
+
+
+def sample_actions(glance_logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """o_i ~ G(v_i): sample keep (1) / discard (0) for each window from the current policy, without gradient."""
+    p_keep = glance_logits.detach().float().softmax(-1)[..., KEEP]
+    return torch.bernoulli(p_keep, generator=generator).long()
+
+
+def detection_reward(seg: torch.Tensor, mask: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """Binary reward r_i = 1(s_i ∩ m_i ≠ ∅) for kept windows; a discarded window is predicted background, so 0.
+
+    ``seg`` and ``mask`` are binary (M, 1, ...); ``actions`` (M,). Returns (M,) float.
+    """
+    hit = (seg.gt(0) & mask.gt(0)).flatten(1).any(1)
+    return (hit & actions.bool()).float()
+
+
+def dice_reward(seg: torch.Tensor, mask: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """Dice reward (the poster's ablation): Dice(s_i, m_i) for kept lesion windows, 0 otherwise.
+
+    Lesion-free windows score 0 whatever is predicted (unlike the authors' helper, which scored 1 on every empty
+    ground truth and so rewarded false positives on healthy windows).
+    """
+    s, m = seg.gt(0).flatten(1).float(), mask.gt(0).flatten(1).float()
+    inter, total = (s * m).sum(1), s.sum(1) + m.sum(1)
+    dice = torch.where(m.sum(1) > 0, 2 * inter / total.clamp_min(1), torch.zeros_like(inter))
+    return dice * actions.float()
+
+
+REWARDS = {"binary": detection_reward, "dice": dice_reward}
+
+
+def group_advantage(rewards: torch.Tensor, std_floor: float = 0.01, clamp: float = 5.0) -> torch.Tensor:
+    """A_i = (r_i - mean_group r) / max(std_group r, std_floor), clamped to [-clamp, clamp].
+
+    ``rewards`` is (B, N). The std is the population std of the group (the poster's std{r_1..r_N}); the floor
+    keeps a group with one differing reward from exploding, and a group of equal rewards gets A = 0.
+    """
+    mean = rewards.mean(-1, keepdim=True)
+    std = rewards.std(-1, unbiased=False, keepdim=True).clamp_min(std_floor)
+    return ((rewards - mean) / std).clamp(-clamp, clamp)
+
+
+def action_log_prob(glance_logits: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """log G(o_i | v_i) of the taken action. ``glance_logits`` (M, 2), ``actions`` (M,) -> (M,)."""
+    return glance_logits.float().log_softmax(-1).gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
+
+
+def clipped_surrogate(log_p: torch.Tensor, log_p_ref: torch.Tensor, advantage: torch.Tensor, eps: float) -> torch.Tensor:
+    """min(ŝ1·A, ŝ2·A) with ŝ1 = G/G_ref and ŝ2 = clip(ŝ1, 1-eps, 1+eps), per window."""
+    ratio = (log_p - log_p_ref).exp()
+    return torch.minimum(ratio * advantage, ratio.clamp(1 - eps, 1 + eps) * advantage)
+
+
+def k3_kl(log_p: torch.Tensor, log_p_ref: torch.Tensor) -> torch.Tensor:
+    """D_KL(G||G_ref) in the k3 form G_ref/G - log(G_ref/G) - 1 (>= 0, unbiased), per window."""
+    log_ratio = log_p_ref - log_p
+    return log_ratio.exp() - log_ratio - 1
+
+
+def balanced_ce(glance_logits: torch.Tensor, has_lesion: torch.Tensor) -> torch.Tensor:
+    """Class-balanced cross-entropy CE(o_i, y_i): the mean CE over lesion windows and over lesion-free windows,
+    averaged, so the many lesion-free windows do not drown the few lesion windows (NOTES.md §1 ablation: plain CE
+    collapses to "keep nothing"). A class absent from the batch is left out."""
+    ce = F.cross_entropy(glance_logits.float(), has_lesion.long(), reduction="none")
+    parts = [ce[has_lesion == c].mean() for c in (False, True) if (has_lesion == c).any()]
+    return torch.stack(parts).mean()
+
+
+def grpo_loss(
+    glance_logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    actions: torch.Tensor,
+    advantage: torch.Tensor,
+    eps: float = 0.1,
+    beta: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-(1/N) Σ [min(ŝ1·A, ŝ2·A) - β·KL]: the policy part of the GRPO objective as a loss to minimise.
+
+    All tensors are flat over the windows (M,). Returns (loss, mean KL) for logging.
+    """
+    log_p = action_log_prob(glance_logits, actions)
+    log_p_ref = action_log_prob(ref_logits, actions).detach()
+    kl = k3_kl(log_p, log_p_ref)
+    objective = clipped_surrogate(log_p, log_p_ref, advantage, eps) - beta * kl
+    return -objective.mean(), kl.mean().detach()

@@ -1,0 +1,150 @@
+"""The GF-Screen training engine: Focus segmentation plus GRPO for the Glance, one Ignite iteration at a time."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Events
+from monai.engines import SupervisedTrainer
+from monai.handlers import CheckpointLoader, CheckpointSaver
+from monai.engines.utils import IterationEvents
+from monai.utils import CommonKeys as Keys
+
+from . import grpo
+from .networks import KEEP, unwrap
+
+LOG_KEYS = ("seg_loss", "glance_ce", "rl_loss", "reward", "kept_fraction", "kl")
+
+
+class GRPOTrainer(SupervisedTrainer):
+    """SupervisedTrainer whose iteration trains the Focus on a group of windows and the Glance by GRPO.
+
+    Each batch holds ``group_size`` windows per scan, scan-major (what ``RandCropByPosNegLabeld(num_samples=N)``
+    and MONAI's list collate give). Per iteration: the Focus segments every window (DiceCE loss); the Glance
+    samples keep/discard per window; the reward is the Focus result on the kept windows; advantages are relative
+    within each scan's group. Loss = seg_loss + alpha * balanced CE + GRPO policy loss (eps clip, beta k3-KL to
+    the frozen reference Glance ``self.reference``, refreshed by :class:`ReferencePolicyRefresh`).
+
+    Args:
+        group_size: windows per scan in a batch (N of the poster).
+        alpha, beta, eps: weights of the glance CE and KL terms, and the ratio clip.
+        reward: "binary" (poster's default) or "dice".
+        std_floor, advantage_clamp: numerical guards of the group advantage.
+        other args: as :class:`monai.engines.SupervisedTrainer`; ``network`` is a GlanceFocusNet (maybe DDP).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        group_size: int,
+        alpha: float = 0.1,
+        beta: float = 0.01,
+        eps: float = 0.1,
+        reward: str = "binary",
+        std_floor: float = 0.01,
+        advantage_clamp: float = 5.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if reward not in grpo.REWARDS:
+            raise ValueError(f"reward must be one of {sorted(grpo.REWARDS)}, got {reward!r}.")
+        if group_size < 2:
+            raise ValueError(f"group_size must be >= 2 for group-relative advantages, got {group_size}.")
+        self.group_size = group_size
+        self.alpha, self.beta, self.eps = alpha, beta, eps
+        self.reward_fn = grpo.REWARDS[reward]
+        self.std_floor, self.advantage_clamp = std_floor, advantage_clamp
+        self.reference = copy.deepcopy(unwrap(self.network).glance).requires_grad_(False).eval()
+
+    def _iteration(self, engine: GRPOTrainer, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        inputs, targets = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)[:2]
+        if inputs.shape[0] % engine.group_size:
+            raise ValueError(
+                f"a batch of {inputs.shape[0]} windows is not a whole number of groups of {engine.group_size}: "
+                "set the crop transform's num_samples to train#trainer#group_size."
+            )
+        engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        use_amp = engine.amp and engine.scaler is not None
+        with torch.autocast("cuda", **engine.amp_kwargs) if use_amp else nullcontext():
+            engine.state.output.update(engine._losses(inputs, targets))
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        loss = engine.state.output[Keys.LOSS]
+        if use_amp:
+            engine.scaler.scale(loss).backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.scaler.step(engine.optimizer)
+            engine.scaler.update()
+        else:
+            loss.backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.optimizer.step()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+    def _losses(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Forward both models on the windows and return the loss terms and the logged statistics."""
+        seg_logits = self.network(inputs)
+        glance_logits = self.network(inputs, glance=True)
+        with torch.no_grad():
+            ref_logits = self.reference(inputs)
+            seg = seg_logits.argmax(1, keepdim=True)
+            actions = grpo.sample_actions(glance_logits)
+            rewards = self.reward_fn(seg, targets, actions).view(-1, self.group_size)
+            advantage = grpo.group_advantage(rewards, self.std_floor, self.advantage_clamp).flatten()
+            has_lesion = grpo.window_has_lesion(targets)
+        seg_loss = self.loss_function(seg_logits, targets)
+        glance_ce = grpo.balanced_ce(glance_logits, has_lesion)
+        rl_loss, kl = grpo.grpo_loss(glance_logits, ref_logits, actions, advantage, self.eps, self.beta)
+        kept = glance_logits.detach().argmax(-1).eq(KEEP).float().mean()
+        return {
+            Keys.PRED: seg_logits,
+            Keys.LOSS: seg_loss + self.alpha * glance_ce + rl_loss,
+            "seg_loss": seg_loss.detach(),
+            "glance_ce": glance_ce.detach(),
+            "rl_loss": rl_loss.detach(),
+            "reward": rewards.mean(),
+            "kept_fraction": kept,
+            "kl": kl,
+        }
+
+
+class ReferencePolicyRefresh:
+    """Copy the trained Glance into the trainer's frozen reference policy every ``interval`` epochs."""
+
+    def __init__(self, interval: int = 1) -> None:
+        if interval < 1:
+            raise ValueError(f"interval must be >= 1, got {interval}.")
+        self.interval = interval
+
+    def attach(self, engine: GRPOTrainer) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+
+    def __call__(self, engine: GRPOTrainer) -> None:
+        engine.reference.load_state_dict(unwrap(engine.network).glance.state_dict())
+
+
+def log_terms(output: Mapping[str, Any] | list) -> dict[str, float]:
+    """The per-iteration loss terms of a GRPOTrainer output, for StatsHandler / TensorBoard / MLflow handlers."""
+    out = output[0] if isinstance(output, list) else output
+    return {k: float(out[k]) for k in (Keys.LOSS, *LOG_KEYS)}
+
+
+def resume_latest(trainer: GRPOTrainer, saver: CheckpointSaver) -> str | None:
+    """Load the newest checkpoint that ``saver`` wrote (model, optimizer, engine state, reference) into the run,
+    so a killed training continues from its last completed epoch. Returns the path, or None on a fresh start."""
+    ckpts = sorted(Path(saver.save_dir).glob("checkpoint_*.pt"), key=lambda p: p.stat().st_mtime)
+    if not ckpts:
+        return None
+    CheckpointLoader(load_path=str(ckpts[-1]), load_dict=saver.save_dict, map_location=trainer.state.device).attach(trainer)
+    trainer.logger.info(f"resuming from {ckpts[-1]}")
+    return str(ckpts[-1])

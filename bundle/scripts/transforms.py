@@ -1,0 +1,101 @@
+"""Dictionary transforms GF-Screen adds to MONAI's: CT intensity windows, missing labels, and input checks."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import LoadImaged, MapTransform
+
+# Soft-tissue (abdomen) and wide (lung / bone) windows in HU. Feeding both as channels lets one model read chest,
+# abdomen and whole-body scans; the authors instead picked one window per dataset by hand (NOTES.md §2).
+DEFAULT_WINDOWS = ((-160.0, 240.0), (-1000.0, 1000.0))
+
+
+class HUWindowsd(MapTransform):
+    """Map a one-channel CT in Hounsfield units to one channel per (low, high) window, each clipped to [0, 1]."""
+
+    def __init__(self, keys: KeysCollection, windows: Sequence[Sequence[float]] = DEFAULT_WINDOWS) -> None:
+        super().__init__(keys)
+        if not windows or any(len(w) != 2 or w[1] <= w[0] for w in windows):
+            raise ValueError(f"windows must be a non-empty list of (low, high) with high > low, got {windows}.")
+        self.windows = [tuple(map(float, w)) for w in windows]
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            if img.shape[0] != 1:
+                raise ValueError(f"{key}: expected a one-channel CT in HU, got {img.shape[0]} channels.")
+            d[key] = torch.cat([((img[:1] - lo) / (hi - lo)).clamp(0, 1) for lo, hi in self.windows]).float()
+        return d
+
+
+class EnsureLabeld(MapTransform):
+    """Give a lesion-free scan (no ``label`` in its datalist entry) an all-background label like its image.
+
+    Lesion-free scans are where a screening tool makes its false positives, so they must be trainable data.
+    """
+
+    def __init__(self, keys: KeysCollection = "label", image_key: str = "image") -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        self.image_key = image_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.keys:
+            if d.get(key) is None:
+                img = d[self.image_key]
+                d[key] = MetaTensor(torch.zeros_like(img.as_tensor(), dtype=torch.uint8), meta=dict(img.meta))
+        return d
+
+
+class LoadCTd(LoadImaged):
+    """LoadImaged that names the file when it cannot be read, and refuses images that are not 3D volumes."""
+
+    def __call__(self, data, reader=None):  # type: ignore[override]
+        d = dict(data)
+        for key in self.key_iterator(d):
+            try:
+                loaded = super().__call__({key: d[key]}, reader)
+            except Exception as e:
+                raise ValueError(f"cannot read {key} file {d[key]}: {_root_cause(e)}") from e
+            img = loaded[key]
+            spatial = img.shape[1:] if self._loader.ensure_channel_first else img.shape
+            if len([s for s in spatial if s > 1]) < 3:
+                raise ValueError(f"{key} file {d[key]} is not a 3D volume (shape {tuple(img.shape)}).")
+            d.update(loaded)
+        return d
+
+
+class CheckGeometryd(MapTransform):
+    """Raise if a label's grid (shape and affine) differs from its image's: a silently misaligned mask would train
+    and score the wrong voxels."""
+
+    def __init__(self, keys: KeysCollection = "label", image_key: str = "image", atol: float = 1e-3) -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        self.image_key, self.atol = image_key, atol
+
+    def __call__(self, data: Mapping[Hashable, MetaTensor]) -> dict[Hashable, MetaTensor]:
+        d = dict(data)
+        img = d[self.image_key]
+        for key in self.key_iterator(d):
+            lbl = d[key]
+            same_shape = tuple(lbl.shape[1:]) == tuple(img.shape[1:])
+            same_affine = same_shape and np.allclose(np.asarray(lbl.affine), np.asarray(img.affine), atol=self.atol)
+            if not same_affine:
+                raise ValueError(
+                    f"{key} {lbl.meta.get('filename_or_obj', '?')} does not match image "
+                    f"{img.meta.get('filename_or_obj', '?')}: shapes {tuple(lbl.shape[1:])} vs {tuple(img.shape[1:])}, "
+                    f"affines\n{np.asarray(lbl.affine).round(3)}\nvs\n{np.asarray(img.affine).round(3)}"
+                )
+        return d
+
+
+def _root_cause(e: BaseException) -> str:
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return f"{type(e).__name__}: {e}"

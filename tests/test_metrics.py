@@ -1,0 +1,235 @@
+"""Screening metrics against hand-computed values (scripts.metrics)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Engine
+from monai.data import MetaTensor, list_data_collate
+from monai.handlers import IgniteMetricHandler, from_engine
+from monai.metrics import compute_surface_dice
+
+from scripts.metrics import (
+    FlareMetric,
+    GlanceWindowMetric,
+    flare_dsc,
+    flare_nsd,
+    lesion_detection,
+    recall_by_size,
+    scan_detection,
+    scan_f1,
+    window_confusion,
+)
+
+# DeepMind surface-distance (what the FLARE evaluation script uses) gives 0.8443807 for the shifted cube below.
+SUBVOXEL_SHIFTED_NSD = 0.8443807
+
+
+def cube(shape=(10, 10, 10), lo=(2, 2, 2), size=(4, 4, 4)) -> np.ndarray:
+    """A boolean volume holding one box."""
+    mask = np.zeros(shape, bool)
+    mask[tuple(slice(a, a + n) for a, n in zip(lo, size))] = True
+    return mask
+
+
+GT = cube()
+SHIFTED = cube(lo=(2, 2, 3))  # GT moved by one voxel along the last axis
+EMPTY = np.zeros_like(GT)
+
+
+def test_dsc_of_overlapping_cubes():
+    assert flare_dsc(SHIFTED, GT) == pytest.approx(2 * 48 / 128)  # 4x4x3 overlap of two 64-voxel cubes
+    assert flare_dsc(cube(size=(2, 4, 4)), GT) == pytest.approx(2 * 32 / 96)
+
+
+def test_flare_empty_rules():
+    assert flare_dsc(EMPTY, EMPTY) == 1.0
+    assert flare_dsc(GT, EMPTY) == 0.0 and flare_dsc(EMPTY, GT) == 0.0
+    assert flare_nsd(EMPTY, EMPTY, (1, 1, 3)) == 1.0
+    assert flare_nsd(GT, EMPTY, (1, 1, 3)) == 0.0 and flare_nsd(EMPTY, GT, (1, 1, 3)) == 0.0
+
+
+@pytest.mark.parametrize("use_subvoxels", [True, False])
+def test_nsd_identical_is_one(use_subvoxels):
+    assert flare_nsd(GT, GT, (0.7, 0.7, 5.0), use_subvoxels=use_subvoxels) == pytest.approx(1.0)
+
+
+def test_nsd_shifted_respects_anisotropic_spacing():
+    # Boundary voxels (6-neighbour erosion): 56 per cube, in layers of 16, 12, 12, 16 along the last axis.
+    # With 3 mm along that axis, only the GT's bottom layer and the prediction's top layer (16 voxels each)
+    # are 3 mm from the other surface; every other boundary voxel is 0 or 1 mm away: NSD = 80 / 112 = 5/7.
+    assert flare_nsd(SHIFTED, GT, (1, 1, 3), use_subvoxels=False) == pytest.approx(5 / 7, abs=1e-6)
+    assert flare_nsd(SHIFTED, GT, (1, 1, 3)) == pytest.approx(SUBVOXEL_SHIFTED_NSD, abs=1e-5)
+    # The same voxel shift is within 2 mm when the last axis is 1 mm (or the 3 mm axis is another one).
+    assert flare_nsd(SHIFTED, GT, (1, 1, 1)) == pytest.approx(1.0)
+    assert flare_nsd(SHIFTED, GT, (3, 1, 1)) == pytest.approx(1.0)
+    assert flare_nsd(SHIFTED, GT, (1, 1, 3), tolerance_mm=3.0) == pytest.approx(1.0)
+
+
+def test_nsd_zero_when_dsc_below_floor():
+    speck = cube(size=(1, 1, 1))  # one voxel of a 64-voxel lesion: DSC = 2/65
+    assert flare_dsc(speck, GT) < 0.2
+    raw = compute_surface_dice(
+        torch.from_numpy(speck)[None, None], torch.from_numpy(GT)[None, None], [2.0], include_background=True
+    )
+    assert raw.item() > 0.0  # MONAI alone would reward it
+    assert flare_nsd(speck, GT, (1, 1, 1)) == 0.0
+
+
+def test_lesion_detection_counts():
+    gt, pred = np.zeros((20, 20, 20), bool), np.zeros((20, 20, 20), bool)
+    gt[2:5, 2:5, 2:5] = True
+    gt[5, 5, 5] = True  # touches the first lesion only at a corner: still the same lesion (26-connectivity)
+    gt[10:12, 10:12, 10:12] = True  # missed lesion
+    pred[3, 3, 3] = True  # touches lesion 1
+    pred[15:17, 15:17, 15:17] = True  # false-positive component
+    result = lesion_detection(pred, gt, spacing=(2, 2, 3))  # 12 mm^3 per voxel
+    assert (result["tp_lesions"], result["fn_lesions"], result["fp_components"]) == (1, 1, 1)
+    volumes = [lesion["volume_ml"] for lesion in result["lesions"]]
+    assert volumes == pytest.approx([28 * 0.012, 8 * 0.012])
+    assert [lesion["detected"] for lesion in result["lesions"]] == [True, False]
+
+
+def test_lesion_detection_empty():
+    result = lesion_detection(EMPTY, EMPTY, (1, 1, 1))
+    assert result == {"lesions": [], "tp_lesions": 0, "fn_lesions": 0, "fp_components": 0}
+
+
+def test_recall_by_size():
+    records = [
+        {"volume_ml": 0.5, "detected": True},
+        {"volume_ml": 0.9, "detected": False},
+        {"volume_ml": 2.0, "detected": True},
+        {"volume_ml": 10.0, "detected": True},
+        {"volume_ml": 7.0, "detected": False},
+    ]
+    result = recall_by_size(records)
+    assert list(result) == ["0-1", "1-5", "5-inf"]
+    assert result["0-1"] == {"recall": 0.5, "detected": 1, "total": 2}
+    assert result["1-5"] == {"recall": 1.0, "detected": 1, "total": 1}
+    assert result["5-inf"] == {"recall": 0.5, "detected": 1, "total": 2}
+    sparse = recall_by_size(records, bins_ml=(0, 1, 1.5, math.inf))
+    assert math.isnan(sparse["1-1.5"]["recall"]) and sparse["1-1.5"]["total"] == 0
+    with pytest.raises(ValueError):
+        recall_by_size(records, bins_ml=(1, 0))
+
+
+def test_scan_detection_voxel_threshold():
+    big, small = cube(size=(6, 7, 3)), cube(size=(5, 5, 5))  # 126 and 125 voxels
+    assert scan_detection(big, EMPTY)["outcome"] == "FP"
+    assert scan_detection(small, EMPTY)["outcome"] == "TN"
+    assert scan_detection(big, GT)["outcome"] == "TP"
+    assert scan_detection(EMPTY, GT)["outcome"] == "FN"
+    assert scan_detection(small, EMPTY, fp_voxel_threshold=100)["outcome"] == "FP"
+    assert scan_detection(big, EMPTY)["pred_voxels"] == 126
+
+
+def test_scan_f1():
+    result = scan_f1(["TP"] * 3 + ["FN"] + ["FP"] * 2 + ["tn"] * 4)
+    assert result["precision"] == pytest.approx(3 / 5)
+    assert result["recall"] == pytest.approx(3 / 4)
+    assert result["f1"] == pytest.approx(2 * 0.6 * 0.75 / (0.6 + 0.75))
+    assert result["fpr"] == pytest.approx(2 / 6)
+    assert (result["tp"], result["fp"], result["tn"], result["fn"]) == (3, 2, 4, 1)
+
+
+def test_scan_f1_zero_denominators():
+    only_healthy = scan_f1(["TN", "TN"])
+    assert (only_healthy["precision"], only_healthy["recall"], only_healthy["f1"], only_healthy["fpr"]) == (0, 0, 0, 0)
+    assert scan_f1(["TP"])["fpr"] == 0.0 and scan_f1(["TP"])["f1"] == 1.0
+    assert math.isnan(scan_f1([], zero_division=math.nan)["f1"])
+    with pytest.raises(ValueError):
+        scan_f1(["TP", "maybe"])
+
+
+def test_window_confusion():
+    kept = [True, True, True, False, False, False, False, False]
+    lesion = [True, True, False, False, False, False, False, True]
+    result = window_confusion(kept, lesion)
+    assert result["sensitivity"] == pytest.approx(2 / 3)
+    assert result["specificity"] == pytest.approx(4 / 5)
+    assert result["kept_fraction"] == pytest.approx(3 / 8)
+    assert (result["lesion_windows"], result["lesion_free_windows"], result["kept_windows"]) == (3, 5, 3)
+    no_lesion = window_confusion([True, False], [False, False])
+    assert math.isnan(no_lesion["sensitivity"]) and no_lesion["specificity"] == 0.5
+    assert all(math.isnan(v) for v in window_confusion([], []).values() if isinstance(v, float))
+    with pytest.raises(ValueError):
+        window_confusion([True], [True, False])
+
+
+def batch(*masks: np.ndarray) -> torch.Tensor:
+    """(B,1,...) float tensor of binary masks."""
+    return torch.from_numpy(np.stack(masks)[:, None].astype(np.float32))
+
+
+def test_flare_metric_through_ignite_handler():
+    one_hot = torch.cat([1 - batch(GT), batch(GT)], dim=1)  # (1,2,...) one-hot prediction
+    data = [
+        {"pred": batch(SHIFTED, EMPTY), "label": batch(GT, EMPTY)},
+        {"pred": one_hot, "label": batch(GT)},
+    ]
+    engine = Engine(lambda engine, item: item)
+    metric = FlareMetric(spacing=(1, 1, 3))
+    handler = IgniteMetricHandler(metric_fn=metric, output_transform=from_engine(["pred", "label"]), save_details=True)
+    handler.attach(engine, name="val_lesion_dice")
+    engine.run(data, max_epochs=1)
+    assert engine.state.metrics["val_lesion_dice"] == pytest.approx((0.75 + 1 + 1) / 3)
+    assert metric.aggregate("nsd").item() == pytest.approx((SUBVOXEL_SHIFTED_NSD + 1 + 1) / 3, abs=1e-5)
+    assert engine.state.metric_details["val_lesion_dice"].shape == (3, 2)
+
+
+def test_flare_metric_spacing_from_meta_tensor():
+    anisotropic = MetaTensor(batch(SHIFTED)[0], affine=torch.diag(torch.tensor([1.0, 1.0, 3.0, 1.0])))
+    isotropic = MetaTensor(batch(SHIFTED)[0], affine=torch.eye(4))
+    label = batch(GT)[0]
+    collated = list_data_collate([{"p": anisotropic, "y": label}, {"p": isotropic, "y": label}])
+    for y_pred, y in ((collated["p"], collated["y"]), ([anisotropic, isotropic], [label, label])):
+        metric = FlareMetric(spacing=(5, 5, 5))  # the default is overridden by each case's affine
+        metric(y_pred=y_pred, y=y)
+        nsd = metric.get_buffer()[:, 1]
+        assert nsd.tolist() == pytest.approx([SUBVOXEL_SHIFTED_NSD, 1.0], abs=1e-5)
+    plain = FlareMetric(spacing=(1, 1, 3))
+    plain(y_pred=batch(SHIFTED), y=batch(GT))
+    assert plain.aggregate("nsd").item() == pytest.approx(SUBVOXEL_SHIFTED_NSD, abs=1e-5)
+    with pytest.raises(ValueError):
+        FlareMetric().aggregate()
+
+
+def windows(*pairs: tuple[bool, bool]) -> list[dict]:
+    """Window records from (kept, has_lesion) pairs."""
+    return [{"kept": k, "has_lesion": h, "prob": 0.5} for k, h in pairs]
+
+
+def test_glance_window_metric_on_engine():
+    iterations = [
+        [  # decollated output: one dict per scan
+            {"pred": None, "windows": windows((True, True), (True, False), (False, False))},
+            {"pred": None, "windows": windows((False, True), (False, False))},
+        ],
+        [{"windows": windows((True, True), (True, False), (False, False))}],
+    ]
+    engine = Engine(lambda engine, item: item)
+    GlanceWindowMetric().attach(engine)
+    engine.run(iterations, max_epochs=2)  # the second epoch must not double-count
+    metrics = engine.state.metrics
+    assert metrics["val_glance_sensitivity"] == pytest.approx(2 / 3)  # 3 lesion windows, 2 kept
+    assert metrics["val_glance_specificity"] == pytest.approx(3 / 5)  # 5 lesion-free windows, 3 discarded
+    assert metrics["val_kept_fraction"] == pytest.approx(4 / 8)
+    assert set(metrics) == {"val_glance_sensitivity", "val_glance_specificity", "val_kept_fraction"}
+
+
+def test_glance_window_metric_output_forms():
+    single = {"windows": windows((True, True), (False, False))}
+    tensors = {"window_kept": torch.tensor([[True, False]]), "window_lesion": torch.tensor([[False, False]])}
+    engine = Engine(lambda engine, item: item)
+    GlanceWindowMetric(prefix="test_").attach(engine, "glance")
+    engine.run([single, [tensors]], max_epochs=1)
+    assert engine.state.metrics["test_glance_sensitivity"] == 1.0
+    assert engine.state.metrics["test_glance_specificity"] == pytest.approx(2 / 3)
+    assert engine.state.metrics["test_kept_fraction"] == 0.5
+    assert "glance" not in engine.state.metrics
+    with pytest.raises(KeyError):
+        GlanceWindowMetric().update([{"pred": None}])

@@ -1,0 +1,121 @@
+"""Scan report and overview figure (scripts.report)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from scripts.report import build_report, glance_heatmap, lesion_components, render_overview, save_report
+
+# 2 x 2 x 3 mm voxels (12 mm^3) with a non-zero origin.
+AFFINE = np.array([[2.0, 0, 0, -100.0], [0, 2.0, 0, 50.0], [0, 0, 3.0, 10.0], [0, 0, 0, 1]])
+
+
+def toy_case() -> tuple[np.ndarray, np.ndarray]:
+    """A 30^3 mask with a 5x5x5 lesion (125 voxels) and a 2x2x2 one (8 voxels), and its probabilities."""
+    mask, prob = np.zeros((30, 30, 30), np.uint8), np.zeros((30, 30, 30), np.float32)
+    mask[2:7, 3:8, 4:9] = 1
+    prob[2:7, 3:8, 4:9] = 0.7
+    prob[4, 5, 6] = 0.95
+    mask[20:22, 20:22, 20:22] = 1
+    prob[20:22, 20:22, 20:22] = 0.6
+    return mask, prob
+
+
+WINDOWS = [
+    {"prob": 0.95, "kept": True, "start": (0, 0, 0), "size": (16, 16, 16)},
+    {"prob": 0.10, "kept": False, "start": (14, 0, 0), "size": (16, 16, 16)},
+    {"prob": 0.20, "kept": False, "start": (0, 14, 0), "size": (16, 16, 16)},
+    {"prob": 0.30, "kept": False, "start": (14, 14, 14), "size": (16, 16, 16)},
+]
+
+
+def test_lesion_components_volume_centroid_bbox():
+    mask, prob = toy_case()
+    big, small = lesion_components(mask, prob, AFFINE)
+    assert big["voxels"] == 125 and big["volume_ml"] == pytest.approx(1.5)
+    assert big["centroid_mm"] == pytest.approx([2 * 4 - 100, 2 * 5 + 50, 3 * 6 + 10])  # voxel (4, 5, 6)
+    assert big["bbox_voxel"] == [2, 3, 4, 6, 7, 8]
+    assert big["max_probability"] == pytest.approx(0.95)
+    assert small["voxels"] == 8 and small["volume_ml"] == pytest.approx(0.096)
+    assert small["max_probability"] == pytest.approx(0.6)
+    assert lesion_components(np.zeros_like(mask), prob, AFFINE) == []
+
+
+def test_build_report_and_verdict(tmp_path):
+    mask, prob = toy_case()
+    timings = {"load": 0.5, "glance": 1.0, "focus": 2.0, "save": 0.25, "total": 3.75}
+    report = build_report("case_1", mask, prob, AFFINE, WINDOWS, timings, threshold=0.9)
+    assert report["verdict"] == "suspicious"  # 133 lesion voxels > 125
+    assert report["score"] == pytest.approx(0.95)
+    assert [lesion["voxels"] for lesion in report["lesions"]] == [125, 8]
+    assert report["windows"] == {"total": 4, "kept": 1, "kept_fraction": 0.25, "glance_threshold": 0.9}
+    assert report["timings_s"] == timings
+    assert report["input_geometry"] == {"shape": [30, 30, 30], "spacing": [2.0, 2.0, 3.0]}
+
+    path = save_report(report, tmp_path / "out" / "case_1.json")
+    assert json.loads(path.read_text()) == json.loads(json.dumps(report))
+    assert [p.name for p in path.parent.iterdir()] == ["case_1.json"]  # no temporary file left behind
+
+
+def test_verdict_threshold_and_empty_scan():
+    mask, prob = toy_case()
+    mask[20:22, 20:22, 20:22] = 0  # 125 voxels left: not more than the threshold
+    assert build_report("c", mask, prob, AFFINE, WINDOWS, {}, 0.9)["verdict"] == "no lesion found"
+    assert build_report("c", mask, prob, AFFINE, WINDOWS, {}, 0.9, fp_voxel_threshold=100)["verdict"] == "suspicious"
+    empty = build_report("c", np.zeros_like(mask), prob, AFFINE, [], {}, 0.9)
+    assert (empty["verdict"], empty["score"], empty["lesions"]) == ("no lesion found", 0.0, [])
+    assert empty["windows"]["kept_fraction"] is None
+
+
+def test_save_report_is_strict_json(tmp_path):
+    path = save_report({"a": 1}, tmp_path / "r.json")
+    with pytest.raises(ValueError):
+        save_report({"a": math.nan}, path)
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_glance_heatmap_takes_max_and_clips():
+    heat = glance_heatmap((8, 8, 8), [
+        {"prob": 0.3, "start": (0, 0, 0), "size": 4},
+        {"prob": 0.8, "start": (2, 2, 2), "size": (4, 4, 4)},
+        {"prob": 0.5, "start": (6, 6, 6), "size": (4, 4, 4)},  # runs past the edge
+        {"prob": 0.1, "start": (1, 1, 1), "size": (2, 2, 2)},  # lower than what covers it already
+    ])
+    assert heat.dtype == np.float32 and heat.shape == (8, 8, 8)
+    assert heat[0, 0, 0] == pytest.approx(0.3) and heat[1, 1, 1] == pytest.approx(0.3)
+    assert heat[3, 3, 3] == pytest.approx(0.8) and heat[7, 7, 7] == pytest.approx(0.5)
+    assert heat[0, 7, 0] == 0.0
+
+
+def ct_phantom(shape=(48, 40, 16)) -> np.ndarray:
+    """Soft tissue (40 HU) ellipse in air with a brighter blob, so all windows have something to show."""
+    x, y = np.meshgrid(np.linspace(-1, 1, shape[0]), np.linspace(-1, 1, shape[1]), indexing="ij")
+    body = np.where(x**2 + y**2 < 0.8, 40.0, -1000.0)
+    ct = np.repeat(body[..., None], shape[2], axis=2)
+    ct[20:28, 18:24, 6:10] = 120.0
+    return ct
+
+
+@pytest.mark.parametrize("with_lesion, with_heat", [(True, True), (False, False), (True, False)])
+def test_render_overview_png(tmp_path, with_lesion, with_heat):
+    ct = ct_phantom()
+    mask = np.zeros(ct.shape, np.uint8)
+    if with_lesion:
+        mask[20:28, 18:24, 6:10] = 1
+    heat = glance_heatmap(ct.shape, WINDOWS) if with_heat else None
+    affine = np.diag([-0.8, -0.8, 5.0, 1.0])  # LPS-style flips, 5 mm slices
+    path = render_overview(ct, mask, heat, affine, tmp_path / "overview.png", title="toy case")
+    with Image.open(path) as png:
+        assert png.size == (1200, 400) and png.format == "PNG"
+    assert [p.name for p in tmp_path.iterdir()] == ["overview.png"]
+
+
+def test_render_overview_rejects_mismatched_shapes(tmp_path):
+    with pytest.raises(ValueError):
+        render_overview(np.zeros((4, 4, 4)), np.zeros((4, 4, 3)), None, np.eye(4), tmp_path / "x.png")
