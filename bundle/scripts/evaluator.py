@@ -13,8 +13,8 @@ from .inferer import GlanceFocusInferer
 
 class ScreeningEvaluator(SupervisedEvaluator):
     """SupervisedEvaluator with a :class:`GlanceFocusInferer` whose per-scan outputs also carry ``windows``: the
-    inferer's window records, each with ``has_lesion`` (the label has a lesion voxel inside the window), for the
-    glance window metrics (sensitivity, specificity, kept fraction)."""
+    inferer's window records for reports and, where the batch has a label, ``has_lesion`` per window (a lesion
+    voxel inside it) for the glance window metrics (sensitivity, specificity, kept fraction)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -25,8 +25,11 @@ class ScreeningEvaluator(SupervisedEvaluator):
         outputs = super()._iteration(engine, batchdata)  # already decollated at MODEL_COMPLETED
         if not isinstance(outputs, list):
             raise ValueError("ScreeningEvaluator attaches window records per scan, so it needs decollate=True.")
-        for item, label, windows in zip(outputs, batchdata[Keys.LABEL], engine.inferer.last_windows):
-            item["windows"] = [{**w, "has_lesion": bool(label[(slice(None), *window_slices(w))].gt(0).any())} for w in windows]
+        labels = batchdata.get(Keys.LABEL)
+        for b, (item, windows) in enumerate(zip(outputs, engine.inferer.last_windows)):
+            if labels is not None:
+                windows = [{**w, "has_lesion": bool(labels[b][(slice(None), *window_slices(w))].gt(0).any())} for w in windows]
+            item["windows"] = windows
         return outputs
 
 

@@ -7,7 +7,7 @@ order (x: patient right, y: anterior, z: superior) so they are saved with a diag
 
 Example::
 
-    python -m scripts.phantom write --out_dir /tmp/phantoms --num_cases 8
+    cd bundle && python -m scripts.phantom write --out_dir /tmp/phantoms --num_cases 8
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from nibabel.orientations import apply_orientation, io_orientation
+from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 from scipy import ndimage
 
 from .metrics import connected_components
@@ -202,7 +202,8 @@ def render_overview(
     """Write a 1200x400 px PNG: axial, coronal and sagittal CT slices (HU, W400/L40) through the largest
     lesion's centroid (the volume centre without lesions), with the Glance heat map (may be None) as a
     translucent overlay and colorbar and the predicted lesions as contours, plus an axial MIP of the lesion mask
-    over the CT MIP. Views are reoriented to RAS, shown in radiological convention at physical aspect ratio.
+    over the CT MIP (at L400/W1800). Views are reoriented to RAS and shown in radiological convention (patient
+    right, or anterior, on the left) at their physical aspect ratio; panel titles give the slice in world mm.
     """
     image = np.asarray(image, np.float32)
     if image.ndim != 3 or np.shape(mask) != image.shape:
@@ -210,15 +211,15 @@ def render_overview(
     if glance_heat is not None and np.shape(glance_heat) != image.shape:
         raise ValueError(f"glance_heat must have the image shape {image.shape}, got {np.shape(glance_heat)}.")
     affine = np.asarray(affine, float)
-    ornt = io_orientation(affine)
     ct, lesion, heat = _to_ras(image, affine), _to_ras(np.asarray(mask) > 0, affine), _to_ras(glance_heat, affine)
-    spacing = np.empty(3)
-    spacing[ornt[:, 0].astype(int)] = voxel_spacing(affine)
+    ras_affine = affine @ inv_ornt_aff(io_orientation(affine), image.shape)  # RAS voxel -> world mm
+    spacing = voxel_spacing(ras_affine)
     i, j, k = _focus_voxel(lesion)
+    x, y, z = (ras_affine @ [i, j, k, 1.0])[:3]
     views = (
-        (f"axial (slice {k})", (slice(None), slice(None), k), (0, 1), ("R", "L")),
-        (f"coronal (slice {j})", (slice(None), j, slice(None)), (0, 2), ("R", "L")),
-        (f"sagittal (slice {i})", (i, slice(None), slice(None)), (1, 2), ("A", "P")),
+        (f"axial, z = {z:.0f} mm", (slice(None), slice(None), k), (0, 1), ("R", "L")),
+        (f"coronal, y = {y:.0f} mm", (slice(None), j, slice(None)), (0, 2), ("R", "L")),
+        (f"sagittal, x = {x:.0f} mm", (i, slice(None), slice(None)), (1, 2), ("A", "P")),
     )
 
     fig = Figure(figsize=(12, 4), dpi=100)

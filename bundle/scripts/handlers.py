@@ -1,0 +1,110 @@
+"""Ignite handler that writes each screened scan's JSON report and overview PNG, with per-stage timings."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from ignite.engine import Engine, Events
+from monai.engines.utils import IterationEvents
+
+from . import report
+
+logger = logging.getLogger(__name__)
+
+
+class ScreeningReportHandler:
+    """After each iteration of a :class:`scripts.evaluator.ScreeningEvaluator`, write per scan
+    ``<case>_report.json`` and ``<case>_overview.png`` into ``output_dir``.
+
+    Expects per-scan outputs (after postprocessing) with ``pred`` (lesion mask in the input's geometry),
+    ``prob`` (lesion probability, same grid), ``pred_model`` (mask on the model's RAS grid), ``image`` (the model
+    input; channel 0 is the soft-tissue window) and ``windows`` (the glance records). Timings: ``load`` (reading
+    and preprocessing), ``glance`` and ``focus`` (model time), ``postprocess_save`` (inversion to the input grid
+    and writing the mask), ``report`` (JSON + PNG) and ``total``, all wall-clock seconds for the batch.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        threshold: float,
+        hu_window: tuple[float, float] = (-160.0, 240.0),
+        fp_voxel_threshold: int = 125,
+        overview: bool = True,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.threshold, self.hu_window = threshold, tuple(hu_window)
+        self.fp_voxel_threshold, self.overview = fp_voxel_threshold, overview
+        self.reports: list[dict] = []
+        self._t: dict[str, float] = {}
+
+    def attach(self, engine: Engine) -> None:
+        def stamp(name: str):
+            return lambda _: self._t.__setitem__(name, time.perf_counter())
+
+        engine.add_event_handler(Events.GET_BATCH_STARTED, stamp("start"))
+        engine.add_event_handler(Events.GET_BATCH_COMPLETED, stamp("loaded"))
+        engine.add_event_handler(IterationEvents.FORWARD_COMPLETED, stamp("inferred"))
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        t = self._t
+        post = time.perf_counter()
+        model = engine.inferer.last_timings
+        for item in engine.state.output:
+            t0 = time.perf_counter()
+            case = _case_id(item["pred"].meta.get("filename_or_obj", "case"))
+            timings = {
+                "load": t["loaded"] - t["start"],
+                "glance": model["glance"],
+                "focus": model["focus"],
+                "postprocess_save": post - t["inferred"],
+            }
+            mask = np.asarray(item["pred"][0]) > 0
+            rep = report.build_report(
+                case,
+                mask,
+                np.asarray(item["prob"][0]),
+                np.asarray(item["pred"].affine),
+                item["windows"],
+                timings,
+                self.threshold,
+                self.fp_voxel_threshold,
+            )
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            if self.overview:
+                self._render(item, case, rep)
+            rep["timings_s"]["report"] = time.perf_counter() - t0
+            rep["timings_s"]["total"] = time.perf_counter() - t["start"]
+            rep["files"] = {"mask": _mask_path(item["pred"]), "overview": str(self.output_dir / f"{case}_overview.png")}
+            report.save_report(rep, self.output_dir / f"{case}_report.json")
+            self.reports.append(rep)
+            logger.info(
+                f"{case}: {rep['verdict']}, {len(rep['lesions'])} lesion(s), "
+                f"kept {rep['windows']['kept']}/{rep['windows']['total']} windows, {rep['timings_s']['total']:.1f} s"
+            )
+
+    def _render(self, item: dict, case: str, rep: dict) -> None:
+        image = item["image"]
+        lo, hi = self.hu_window
+        hu = np.asarray(image[0]) * (hi - lo) + lo
+        heat = report.glance_heatmap(hu.shape, item["windows"])
+        title = f"{case}: {rep['verdict']} (score {rep['score']:.2f}, kept {rep['windows']['kept_fraction']:.0%} of windows)"
+        report.render_overview(
+            hu, np.asarray(item["pred_model"][0]) > 0, heat, np.asarray(image.affine), self.output_dir / f"{case}_overview.png", title
+        )
+
+
+def _case_id(path: str) -> str:
+    name = Path(str(path)).name
+    for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _mask_path(pred) -> str | None:
+    saved = pred.meta.get("saved_to")
+    return str(saved) if saved else None
