@@ -91,7 +91,7 @@ class ScreeningReportHandler:
         lo, hi = self.hu_window
         hu = np.asarray(image[0]) * (hi - lo) + lo
         heat = report.glance_heatmap(hu.shape, item["windows"])
-        title = f"{case}: {rep['verdict']} (score {rep['score']:.2f}, kept {rep['windows']['kept_fraction']:.0%} of windows)"
+        title = f"{case}: {rep['verdict']} (score {rep['score']:.2f}, kept {rep['windows']['kept']}/{rep['windows']['total']} windows)"
         report.render_overview(
             hu, np.asarray(item["pred_model"][0]) > 0, heat, np.asarray(image.affine), self.output_dir / f"{case}_overview.png", title
         )

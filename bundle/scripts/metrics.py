@@ -256,15 +256,10 @@ class FlareMetric(CumulativeIterationMetric):
 
 
 def _sample_windows(sample: Mapping[str, Any]) -> Iterator[tuple[bool, bool]]:
-    """``(kept, has_lesion)`` per window of one output item: a ``"windows"`` list of dicts, or the
-    ``"window_kept"`` / ``"window_lesion"`` tensors that survive MONAI decollation (scripts.evaluator)."""
-    if "windows" in sample:
-        return ((bool(w["kept"]), bool(w["has_lesion"])) for w in sample["windows"])
-    if "window_kept" in sample and "window_lesion" in sample:
-        kept = torch.as_tensor(sample["window_kept"]).reshape(-1).bool().tolist()
-        lesion = torch.as_tensor(sample["window_lesion"]).reshape(-1).bool().tolist()
-        return zip(kept, lesion, strict=True)
-    raise KeyError(f"output item has no 'windows' (or 'window_kept'/'window_lesion'); keys: {list(sample)}.")
+    """``(kept, has_lesion)`` per window record in one output item's ``"windows"`` list."""
+    if "windows" not in sample:
+        raise KeyError(f"output item has no 'windows' list of window records; keys: {list(sample)}.")
+    return ((bool(w["kept"]), bool(w["has_lesion"])) for w in sample["windows"])
 
 
 class GlanceWindowMetric(Metric):
