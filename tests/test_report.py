@@ -72,11 +72,12 @@ def test_verdict_threshold_and_empty_scan():
     assert empty["windows"]["kept_fraction"] is None
 
 
-def test_save_report_is_strict_json(tmp_path):
-    path = save_report({"a": 1}, tmp_path / "r.json")
-    with pytest.raises(ValueError):
-        save_report({"a": math.nan}, path)
-    assert json.loads(path.read_text()) == {"a": 1}
+def test_save_report_is_strict_json_and_atomic(tmp_path):
+    path = save_report({"a": 1, "b": [math.nan, 2.0], "c": {"d": math.nan}}, tmp_path / "r.json")
+    assert json.loads(path.read_text()) == {"a": 1, "b": [None, 2.0], "c": {"d": None}}
+    with pytest.raises(TypeError):  # a failed write leaves the previous file whole and no temp file behind
+        save_report({"a": {1, 2}}, path)
+    assert json.loads(path.read_text())["a"] == 1
     assert len(list(tmp_path.iterdir())) == 1
 
 

@@ -1,4 +1,4 @@
-"""Ignite handler that writes each screened scan's JSON report and overview PNG, with per-stage timings."""
+"""Ignite handlers of screening: per-scan reports and overview PNGs, and dataset-level screening scores."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch.distributed as dist
 from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
 
-from . import report
+from . import metrics, report
 
 logger = logging.getLogger(__name__)
 
@@ -108,3 +109,47 @@ def _case_id(path: str) -> str:
 def _mask_path(pred) -> str | None:
     saved = pred.meta.get("saved_to")
     return str(saved) if saved else None
+
+
+class ScreeningMetricsHandler:
+    """Score every evaluated scan with :func:`scripts.metrics.evaluate_case` (FLARE DSC/NSD, lesion detection,
+    scan outcome, glance windows) and, at the end of the epoch, write ``metrics.json`` (summary + per case) to
+    ``output_dir``. Under torch.distributed the per-case records of every rank are gathered on rank 0."""
+
+    def __init__(self, output_dir: str, fp_voxel_threshold: int = 125) -> None:
+        self.output_dir = Path(output_dir)
+        self.fp_voxel_threshold = fp_voxel_threshold
+        self.cases: list[dict] = []
+        self.summary: dict = {}
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self.cases.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+
+    def iteration_completed(self, engine: Engine) -> None:
+        for item in engine.state.output:
+            pred = item["pred"]
+            spacing = report.voxel_spacing(np.asarray(pred.affine))
+            record = metrics.evaluate_case(
+                np.asarray(pred[0]) > 0, np.asarray(item["label"][0]) > 0, spacing, item.get("windows", ()), self.fp_voxel_threshold
+            )
+            record["case"] = _case_id(pred.meta.get("filename_or_obj", "case"))
+            self.cases.append(record)
+
+    def epoch_completed(self, engine: Engine) -> None:
+        cases = self.cases
+        if dist.is_available() and dist.is_initialized():
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, cases)
+            cases = [c for rank_cases in gathered for c in rank_cases]
+            if dist.get_rank() > 0:
+                return
+        self.summary = metrics.summarise_cases(cases)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        report.save_report({"summary": self.summary, "cases": cases}, self.output_dir / "metrics.json")
+        scan = self.summary["scan"]
+        logger.info(
+            f"{len(cases)} scans: DSC {self.summary['dsc']:.3f}, NSD {self.summary['nsd']:.3f}, scan F1 {scan['f1']:.3f}, "
+            f"FP rate on lesion-free scans {scan['fpr']:.3f}; metrics.json in {self.output_dir}"
+        )

@@ -321,3 +321,50 @@ class GlanceWindowMetric(Metric):
     def attach(self, engine: Engine, name: str | None = None, usage: str | MetricUsage = EpochWise()) -> None:
         """Attach to ``engine``; ``name`` is optional so that MONAI workflows can attach it as a handler."""
         super().attach(engine, name or f"{self.prefix}glance", usage)
+
+
+def evaluate_case(
+    pred: np.ndarray,
+    gt: np.ndarray,
+    spacing: Sequence[float],
+    windows: Sequence[Mapping[str, Any]] = (),
+    fp_voxel_threshold: int = 125,
+) -> dict[str, Any]:
+    """Every screening score of one scan: FLARE DSC/NSD, lesion detection, scan outcome and glance windows."""
+    detection = lesion_detection(pred, gt, spacing)
+    record = {
+        "dsc": flare_dsc(pred, gt),
+        "nsd": flare_nsd(pred, gt, spacing),
+        **detection,
+        **scan_detection(pred, gt, fp_voxel_threshold),
+    }
+    if windows:
+        record["windows"] = window_confusion([w["kept"] for w in windows], [w["has_lesion"] for w in windows])
+    return record
+
+
+def summarise_cases(cases: Sequence[Mapping[str, Any]], bins_ml: Sequence[float] = (0.0, 1.0, 5.0, math.inf)) -> dict[str, Any]:
+    """Dataset-level screening scores from :func:`evaluate_case` records: mean DSC/NSD, lesion recall by size,
+    scan-level F1 and false-positive rate on lesion-free scans, and pooled glance window rates."""
+    lesions = [lesion for c in cases for lesion in c["lesions"]]
+    windows = [c["windows"] for c in cases if "windows" in c]
+    pooled: dict[str, Any] = {}
+    if windows:
+        n_les = sum(w["lesion_windows"] for w in windows)
+        n_free = sum(w["lesion_free_windows"] for w in windows)
+        kept_les = sum(w["sensitivity"] * w["lesion_windows"] for w in windows if w["lesion_windows"])
+        disc_free = sum(w["specificity"] * w["lesion_free_windows"] for w in windows if w["lesion_free_windows"])
+        pooled = {
+            "glance_sensitivity": kept_les / n_les if n_les else math.nan,
+            "glance_specificity": disc_free / n_free if n_free else math.nan,
+            "kept_fraction": sum(w["kept_windows"] for w in windows) / max(n_les + n_free, 1),
+        }
+    return {
+        "cases": len(cases),
+        "dsc": float(np.mean([c["dsc"] for c in cases])) if cases else math.nan,
+        "nsd": float(np.mean([c["nsd"] for c in cases])) if cases else math.nan,
+        "lesion_recall_by_size_ml": recall_by_size(lesions, bins_ml),
+        "fp_components": sum(c["fp_components"] for c in cases),
+        "scan": scan_f1(c["outcome"] for c in cases),
+        **pooled,
+    }

@@ -4,6 +4,7 @@ as JSON for machines and as a one-glance overview PNG for people."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -121,9 +122,20 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -
     return path
 
 
+def _json_safe(value: Any) -> Any:
+    """Undefined ratios (NaN) become JSON null, so the file stays strict JSON that any reader accepts."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def save_report(report: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``report`` as indented, strict JSON (NaN is refused), atomically."""
-    text = json.dumps(report, indent=2, allow_nan=False) + "\n"
+    """Write ``report`` as indented, strict JSON (NaN written as null), atomically."""
+    text = json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n"
     return _atomic_write(path, lambda stream: stream.write(text.encode("utf-8")))
 
 
