@@ -34,6 +34,7 @@ class GRPOTrainer(SupervisedTrainer):
         group_size: windows per scan in a batch (N of the poster).
         alpha, beta, eps: weights of the glance CE and KL terms, and the ratio clip.
         reward: "binary" (poster's default) or "dice".
+        rl_weight: weight of the GRPO policy loss; 0 trains the Glance by balanced CE alone (the ablation).
         std_floor, advantage_clamp: numerical guards of the group advantage.
         other args: as :class:`monai.engines.SupervisedTrainer`; ``network`` is a GlanceFocusNet (maybe DDP).
     """
@@ -46,6 +47,7 @@ class GRPOTrainer(SupervisedTrainer):
         beta: float = 0.01,
         eps: float = 0.1,
         reward: str = "binary",
+        rl_weight: float = 1.0,
         std_floor: float = 0.01,
         advantage_clamp: float = 5.0,
         **kwargs: Any,
@@ -58,6 +60,7 @@ class GRPOTrainer(SupervisedTrainer):
         self.group_size = group_size
         self.alpha, self.beta, self.eps = alpha, beta, eps
         self.reward_fn = grpo.REWARDS[reward]
+        self.rl_weight = rl_weight
         self.std_floor, self.advantage_clamp = std_floor, advantage_clamp
         self.reference = copy.deepcopy(unwrap(self.network).glance).requires_grad_(False).eval()
 
@@ -108,7 +111,7 @@ class GRPOTrainer(SupervisedTrainer):
         kept = glance_logits.detach().argmax(-1).eq(KEEP).float().mean()
         return {
             Keys.PRED: seg_logits,
-            Keys.LOSS: seg_loss + self.alpha * glance_ce + rl_loss,
+            Keys.LOSS: seg_loss + self.alpha * glance_ce + self.rl_weight * rl_loss,
             "seg_loss": seg_loss.detach(),
             "glance_ce": glance_ce.detach(),
             "rl_loss": rl_loss.detach(),

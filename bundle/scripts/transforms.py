@@ -99,3 +99,20 @@ def _root_cause(e: BaseException) -> str:
     while e.__cause__ is not None:
         e = e.__cause__
     return f"{type(e).__name__}: {e}"
+
+
+class LesionProbabilityd(MapTransform):
+    """Turn stitched class scores (background, lesion) into one lesion-probability channel p1 / (p0 + p1).
+
+    The Glance-Focus inferer adds zeros for skipped windows, which dilutes both classes alike where kept and
+    skipped windows overlap; renormalising gives the probability from the kept windows only (0 where none
+    covered the voxel), so ``p > 0.5`` equals the argmax and only one channel needs inverting to the input grid.
+    """
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            scores = d[key]
+            total = scores[:2].sum(0, keepdim=True)
+            d[key] = torch.where(total > 0, scores[1:2] / total.clamp_min(1e-12), torch.zeros_like(total))
+        return d

@@ -1,0 +1,199 @@
+"""Screening speed and accuracy, side by side, with the same Focus weights:
+
+(a) MONAI sliding-window inference over every window (overlap 0.5, no glance);
+(b) the authors' scheme: glance on every window at overlap 0.75, keep if p > 0.9;
+(c) this bundle's default (configs/inference.json);
+(d) oracle selection: only windows holding a ground-truth lesion voxel are focused (the lower bound).
+
+Each (case, scheme) runs in a fresh process so that its peak RSS and end-to-end time are what a user sees.
+End to end = read + resample + model + invert to the input grid + write the mask. Model = glance + focus +
+stitching. Run from the bundle folder: ``python -m scripts.benchmark --output ../docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import fire
+import nibabel as nib
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+from monai.inferers import SlidingWindowInferer
+from monai.transforms import LoadImage, ResampleToMatch
+from torch import nn
+
+from .inferer import GlanceFocusInferer
+from .metrics import flare_dsc
+from .networks import GlanceFocusNet
+from .phantom import make_phantom
+
+BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+REALCT = BUNDLE_ROOT.parents[1] / "shared" / "data" / "realct"
+SCHEMES = {
+    "a": "(a) sliding window, all windows, overlap 0.5",
+    "b": "(b) authors' scheme: glance all windows, overlap 0.75, p > 0.9",
+    "c": "(c) GF-Screen default",
+    "d": "(d) oracle selection (lower bound)",
+}
+REAL_CASES = ("ircadb1_1", "pyradiomics_lung1", "pyradiomics_lung2", "ibsi1_lung", "sts_001")
+
+
+class OracleGlance(nn.Module):
+    """Glance from the ground truth, passed as the last input channel: keep a window iff it holds a lesion voxel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = x[:, -1].flatten(1).gt(0).any(1).float()
+        return torch.stack([1 - keep, keep], 1) * 1e4  # logits whose softmax is exactly 0 or 1
+
+
+class ImageChannelsOnly(nn.Module):
+    """The Focus applied to the image channels, without the oracle's mask channel."""
+
+    def __init__(self, focus: nn.Module) -> None:
+        super().__init__()
+        self.focus = focus
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.focus(x[:, :-1])
+
+
+def _sync() -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def run_one(image: str, label: str, scheme: str, out_json: str, config_file: str = "configs/inference.json") -> None:
+    """Screen one case with one scheme in this process and write its timings, windows, RSS and DSC."""
+    t0 = _sync()
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE_ROOT / config_file))
+    parser["bundle_root"] = str(BUNDLE_ROOT)
+    out_dir = tempfile.mkdtemp(prefix="gfbench_")
+    parser["output_dir"] = out_dir
+    net = parser.get_parsed_content("network").eval()
+    net.load_state_dict(torch.load(BUNDLE_ROOT / "models" / "model.pt", map_location=parser.get_parsed_content("device")))
+    data = parser.get_parsed_content("preprocessing")({"image": image})
+    x = data["image"][None].to(parser.get_parsed_content("device"))
+    t_load = _sync()
+    roi = parser["roi_size"]
+    with torch.no_grad():
+        if scheme == "a":
+            seen: list[int] = []
+
+            def focus_all(w: torch.Tensor) -> torch.Tensor:
+                seen.append(len(w))
+                return net(w).softmax(1)
+
+            prob = SlidingWindowInferer(roi, sw_batch_size=4, overlap=0.5, mode="gaussian")(x, focus_all)
+            focused = total = sum(seen)
+        else:
+            if scheme == "b":
+                inferer = GlanceFocusInferer(roi, overlap=0.75, threshold=0.9)
+                model = net
+            elif scheme == "c":
+                inferer, model = parser.get_parsed_content("inferer"), net
+            else:
+                lbl = ResampleToMatch(mode="nearest")(LoadImage(ensure_channel_first=True)(label), img_dst=data["image"])
+                x = torch.cat([x, lbl[None].to(x)], 1)
+                inferer = GlanceFocusInferer(roi, overlap=parser["overlap"], threshold=0.5)
+                model = GlanceFocusNet(OracleGlance(), ImageChannelsOnly(net.focus))
+            prob = inferer(x, model)
+            windows = inferer.last_windows[0]
+            focused, total = sum(w["kept"] for w in windows), len(windows)
+    t_model = _sync()
+    data["pred"] = prob[0].cpu()
+    post = parser.get_parsed_content("postprocessing")(data)
+    t_end = time.perf_counter()
+    mask = np.asarray(post["pred"][0]) > 0
+    result = {
+        "scheme": scheme,
+        "end_to_end_s": t_end - t0,
+        "load_s": t_load - t0,
+        "model_s": t_model - t_load,
+        "post_save_s": t_end - t_model,
+        "windows_focused": focused,
+        "windows_total": total,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+        "dsc": flare_dsc(mask, np.asarray(nib.load(label).dataobj) > 0) if label else None,
+    }
+    Path(out_json).write_text(json.dumps(result))
+
+
+def _phantom_cases(n: int, work: Path) -> list[tuple[str, str, str]]:
+    cases = []
+    for seed in range(100, 100 + n):
+        ph = make_phantom(seed, shape=(256, 256, 96), spacing=(1.0, 1.0, 2.5), region=("abdomen", "chest")[seed % 2])
+        img, lbl = work / f"phantom_{seed}_ct.nii.gz", work / f"phantom_{seed}_lesion.nii.gz"
+        nib.save(nib.Nifti1Image(ph.image, ph.affine), str(img))
+        nib.save(nib.Nifti1Image(ph.label, ph.affine), str(lbl))
+        cases.append((f"phantom_{seed}", str(img), str(lbl)))
+    return cases
+
+
+def _machine() -> str:
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine())
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GB RAM, {gpu}; torch {torch.__version__}"
+
+
+def benchmark(output: str = "../docs/benchmarks.md", realct: str = str(REALCT), phantoms: int = 2, repeats: int = 1) -> None:
+    """Run every scheme on the real CT cases (when the folder exists) and on synthetic phantoms; write Markdown."""
+    work = Path(tempfile.mkdtemp(prefix="gfbench_cases_"))
+    cases = [(c, str(Path(realct) / _region(c) / f"{c}_ct.nii.gz"), str(Path(realct) / _region(c) / f"{c}_lesion.nii.gz"))
+             for c in REAL_CASES if Path(realct).is_dir()]
+    cases += _phantom_cases(phantoms, work)
+    rows = []
+    for case, image, label in cases:
+        for scheme in SCHEMES:
+            runs = []
+            for _ in range(repeats):
+                out = work / f"{case}_{scheme}.json"
+                cmd = [sys.executable, "-m", "scripts.benchmark", "run_one", image, label, scheme, str(out)]
+                subprocess.run(cmd, cwd=BUNDLE_ROOT, check=True, capture_output=True)
+                runs.append(json.loads(out.read_text()))
+            best = min(runs, key=lambda r: r["model_s"])
+            rows.append({"case": case, **best})
+            print(f"{case} {SCHEMES[scheme]}: model {best['model_s']:.2f} s, end to end {best['end_to_end_s']:.2f} s, "
+                  f"{best['windows_focused']}/{best['windows_total']} windows, DSC {best['dsc']:.3f}", flush=True)
+    Path(output).write_text(_markdown(rows, repeats))
+    (Path(output).with_suffix(".json")).write_text(json.dumps({"machine": _machine(), "rows": rows}, indent=2))
+
+
+def _region(case: str) -> str:
+    return "abdomen" if case.startswith("ircadb") else "extremity" if case.startswith("sts") else "chest"
+
+
+def _markdown(rows: list[dict], repeats: int) -> str:
+    lines = [
+        "# Screening benchmark",
+        "",
+        f"Machine: {_machine()}. Weights: `bundle/models/model.pt`. Each number is one run in a fresh process "
+        f"(best of {repeats} by model time). Model time = glance + focus + stitching; end to end adds reading, "
+        "resampling, inverting to the input grid and writing the mask. Peak RSS is the whole process's.",
+        "",
+        "| case | scheme | end to end s | model s | speed-up vs (a), model | windows focused | peak RSS GB | lesion DSC |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    base = {r["case"]: r["model_s"] for r in rows if r["scheme"] == "a"}
+    for r in rows:
+        lines.append(
+            f"| {r['case']} | {SCHEMES[r['scheme']]} | {r['end_to_end_s']:.1f} | {r['model_s']:.2f} | "
+            f"{base[r['case']] / r['model_s']:.1f}x | {r['windows_focused']}/{r['windows_total']} | "
+            f"{r['peak_rss_gb']:.2f} | {r['dsc']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    fire.Fire({"benchmark": benchmark, "run_one": run_one})

@@ -1,0 +1,71 @@
+"""Fine-tuning of the GF-Screen bundle (Focus segmentation + Glance by GRPO, ``configs/train.json``) on the
+datastore's final labels."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import random
+from typing import Any
+
+from monailabel.interfaces.datastore import Datastore
+from monailabel.tasks.train.bundle import BundleTrainTask
+
+from ..infers.gf_screen import bundle_on_path
+from ..validation import InvalidRequest
+
+logger = logging.getLogger(__name__)
+
+
+class GFScreenTrain(BundleTrainTask):
+    """BundleTrainTask that runs the bundle's own GRPO training workflow with bounded epochs.
+
+    Each request is a fresh fine-tune from ``models/model.pt`` (``resume`` off: the bundle's resume would continue
+    an earlier request's finished run and train nothing). At least one labelled image is held out for validation,
+    whose best epoch the bundle saves as ``models/model.pt``; the infer task reloads it on its next call. Every
+    image with a final label counts, an all-background label marking a lesion-free scan (valid training data).
+    Cases whose files are unreadable or whose label does not match the image are logged and left out.
+    """
+
+    def __init__(self, path: str, conf: dict[str, str], max_epochs_limit: int = 100, **kwargs: Any) -> None:
+        super().__init__(path, conf, **kwargs)
+        self.max_epochs_limit = max_epochs_limit
+        with bundle_on_path(path):
+            self._check_case = importlib.import_module("scripts.data").check_case
+
+    def config(self) -> dict[str, Any]:
+        options = super().config()
+        options.update({"max_epochs": 10, "val_split": 0.2, "multi_gpu": False})
+        return options
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict:
+        max_epochs = int(request.get("max_epochs", 10))
+        if not 1 <= max_epochs <= self.max_epochs_limit:
+            raise InvalidRequest(f"max_epochs must be in [1, {self.max_epochs_limit}], got {max_epochs}")
+        return super().__call__({**request, "max_epochs": max_epochs}, datastore)
+
+    def _fetch_datalist(self, request: dict[str, Any], datastore: Datastore) -> list[dict[str, str]]:
+        usable = []
+        for case in super()._fetch_datalist(request, datastore):
+            try:
+                self._check_case(case)
+                usable.append(case)
+            except ValueError as e:
+                logger.warning(f"leaving out of training: {e}")
+        return usable
+
+    def _partition_datalist(self, datalist: list, request: dict[str, Any], shuffle: bool = False) -> tuple[list, list]:
+        if len(datalist) < 2:
+            raise InvalidRequest(f"training needs at least 2 images with a usable final label (1 for validation), got {len(datalist)}")
+        cases = sorted(datalist, key=lambda d: d["image"])
+        random.Random(0).shuffle(cases)
+        n_val = min(max(1, round(float(request.get("val_split", 0.2)) * len(cases))), len(cases) - 1)
+        logger.info(f"{len(cases) - n_val} training and {n_val} validation cases")
+        return cases[n_val:], cases[:n_val]
+
+    def _update_overrides(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        overrides["resume"] = False
+        # periodic checkpoints go beside the TensorBoard logs: models/ keeps only the weights the infer task serves
+        overrides["train#checkpoint#save_dir"] = os.path.join(self.bundle_path, "runs", "monailabel")
+        return overrides

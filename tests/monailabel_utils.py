@@ -1,0 +1,182 @@
+"""Shared fixtures of the MONAI Label app tests: synthetic studies, a real server on a free loopback port, Orthanc."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import nibabel as nib
+import numpy as np
+import pydicom
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+REPO = Path(__file__).resolve().parents[1]
+APP_DIR, BUNDLE_DIR = REPO / "monailabel_app", REPO / "bundle"
+SHAPE, SPACING = (64, 64, 32), (1.6, 1.6, 3.0)  # one Glance window after resampling: seconds per inference
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def phantom(seed: int, lesions: bool = True, shape: Sequence[int] = SHAPE):
+    from scripts.phantom import make_phantom
+
+    return make_phantom(seed, shape=shape, spacing=SPACING, lesions=lesions)
+
+
+def save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> Path:
+    img = nib.Nifti1Image(array, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    nib.save(img, str(path))
+    return path
+
+
+def copy_app(tmp: Path) -> tuple[Path, Path]:
+    """Copies of the app and the bundle: the server writes logs into the app folder and training writes weights
+    into the bundle, neither of which may touch the repository."""
+    app, bundle = tmp / "app", tmp / "bundle"
+    shutil.copytree(APP_DIR, app, ignore=shutil.ignore_patterns("__pycache__", "logs", "model", "bin"))
+    shutil.copytree(BUNDLE_DIR, bundle, ignore=shutil.ignore_patterns("__pycache__", "eval", "runs"))
+    return app, bundle
+
+
+def tree(path: Path) -> dict[str, float]:
+    """Every file under ``path`` with its modification time: to show that nothing outside a folder changed."""
+    return {str(p): p.stat().st_mtime for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+class Server:
+    """``monailabel start_server`` (as its CLI script runs it) on a free 127.0.0.1 port, stopped on exit."""
+
+    def __init__(self, app: Path, studies: str, bundle: Path, env: dict[str, str] | None = None, host: str | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", studies,
+               "--conf", "models", "gf_screen", "--conf", "bundle_path", str(bundle), "--port", str(self.port)]
+        cmd += ["--host", host] if host else []
+        env = {**os.environ, "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "PYTHONPATH": "", **(env or {})}
+        self.log = app / "server.out"
+        with open(self.log, "w") as out:
+            self.process = subprocess.Popen(cmd, cwd=app.parent, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        self.client = httpx.Client(base_url=self.url, timeout=300)
+        self._wait()
+
+    def _wait(self, timeout: float = 120) -> None:
+        end = time.time() + timeout
+        while time.time() < end:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(f"{self.url}/health/", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"server not up after {timeout} s:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log.read_text()[-5000:]
+
+    def alive(self) -> bool:
+        return self.process.poll() is None and httpx.get(f"{self.url}/health/", timeout=5).status_code == 200
+
+    def stop(self) -> None:
+        self.client.close()
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)  # the server and its train / scoring subprocesses
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+@contextmanager
+def orthanc(tmp: Path) -> Iterator[str]:
+    """Debian's Orthanc with its DICOMweb plugin on a free loopback port, own storage; yields its base URL."""
+    port = free_port()
+    plugins = [p for p in ("/usr/share/orthanc/plugins", "/usr/lib/orthanc") if Path(p).is_dir()]
+    config = {
+        "Name": "gf-screen-test",
+        "StorageDirectory": str(tmp / "orthanc-db"),
+        "IndexDirectory": str(tmp / "orthanc-db"),
+        "HttpPort": port,
+        "DicomServerEnabled": False,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "Plugins": plugins,
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }
+    path = tmp / "orthanc.json"
+    path.write_text(json.dumps(config))
+    with open(tmp / "orthanc.log", "w") as log:
+        process = subprocess.Popen(["Orthanc", str(path)], stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(60):
+            try:
+                if httpx.get(f"{url}/dicom-web/studies", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        else:
+            raise RuntimeError(f"Orthanc not up:\n{(tmp / 'orthanc.log').read_text()[-3000:]}")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(20)
+
+
+def dicom_series(image: np.ndarray, spacing: Sequence[float], out_dir: Path) -> tuple[str, list[Path]]:
+    """Write a CT volume (axes x, y, z) as one axial DICOM slice per z; returns the SeriesInstanceUID and files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    files = []
+    for z in range(image.shape[2]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = FileDataset(str(out_dir / f"{z:04d}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.PatientID, ds.PatientName, ds.Modality = "PHANTOM-1", "Phantom^One", "CT"
+        ds.StudyDate, ds.StudyTime, ds.SeriesNumber, ds.InstanceNumber = "20260101", "120000", 1, z + 1
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [0.0, 0.0, float(z * spacing[2])]
+        ds.PixelSpacing, ds.SliceThickness = [float(spacing[1]), float(spacing[0])], float(spacing[2])
+        ds.Rows, ds.Columns = image.shape[1], image.shape[0]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+        ds.PixelData = np.ascontiguousarray(image[:, :, z].T.astype(np.int16)).tobytes()
+        ds.is_little_endian, ds.is_implicit_VR = True, False
+        ds.save_as(ds.filename, write_like_original=False)
+        files.append(Path(ds.filename))
+    return series, files
+
+
+def upload_to_orthanc(url: str, files: Sequence[Path]) -> None:
+    for f in files:
+        httpx.post(f"{url}/instances", content=f.read_bytes(), timeout=30).raise_for_status()
+
+
+def read_dicom(path: Path) -> pydicom.Dataset:
+    return pydicom.dcmread(str(path))

@@ -1,0 +1,156 @@
+"""GlanceNet / GlanceFocusNet: shapes, MONAI's bundle in/out check against metadata.json, TorchScript export."""
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import ConfigParser, verify_net_in_out
+from monai.networks.nets import UNet
+
+from scripts.networks import KEEP, GlanceFocusNet, GlanceNet, unwrap
+
+BUNDLE_ROOT = Path(__file__).resolve().parents[1] / "bundle"
+CONFIGS = BUNDLE_ROOT / "configs"
+META = str(CONFIGS / "metadata.json")
+
+
+def _parser(*configs: str) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / c) for c in configs])
+    parser.read_meta(META)
+    return parser
+
+
+@pytest.mark.parametrize(
+    "kwargs, window",
+    [
+        ({}, (64, 64, 32)),  # the default glance on the default window
+        ({"downsample": 1, "block_inplanes": (4, 8, 16, 32)}, (16, 16, 8)),
+        ({"downsample": (4, 4, 2), "layers": (2, 1, 1, 1), "in_channels": 2}, (96, 96, 64)),  # paper-size window
+    ],
+)
+def test_glance_net_gives_two_logits_per_window(kwargs, window):
+    torch.manual_seed(0)
+    net = GlanceNet(**kwargs).eval()
+    x = torch.rand(3, kwargs.get("in_channels", 1), *window)
+    with torch.no_grad():
+        out = net(x)
+    assert out.shape == (3, 2) and out.dtype == torch.float32 and torch.isfinite(out).all()
+    # windows are scored independently (no batch coupling in eval mode)
+    with torch.no_grad():
+        single = net(x[1:2])
+    torch.testing.assert_close(single, out[1:2], rtol=1e-4, atol=1e-5)
+    assert KEEP == 1
+
+
+def test_glance_downsample_reduces_cost():
+    """The pooled glance sees a 4x smaller grid per axis, so its convolutions run on 64x fewer voxels."""
+    seen = {}
+    net = GlanceNet(in_channels=2, downsample=4)
+    net.resnet.conv1.register_forward_hook(lambda m, i, o: seen.update(shape=tuple(i[0].shape)))
+    with torch.no_grad():
+        net.eval()(torch.rand(1, 2, 64, 64, 32))
+    assert seen["shape"] == (1, 2, 16, 16, 8)
+
+
+def test_glance_focus_net_routes_forward():
+    torch.manual_seed(0)
+    glance = GlanceNet(in_channels=2, downsample=2, block_inplanes=(4, 8, 16, 32))
+    focus = UNet(3, 2, 2, channels=(4, 8, 16), strides=(2, 2), num_res_units=0)
+    net = GlanceFocusNet(glance, focus).eval()
+    x = torch.rand(2, 2, 32, 32, 16)
+    with torch.no_grad():
+        seg, logits = net(x), net(x, glance=True)
+        assert seg.shape == (2, 2, 32, 32, 16)
+        assert logits.shape == (2, 2)
+        torch.testing.assert_close(seg, focus(x))
+        torch.testing.assert_close(logits, glance(x))
+    # one state dict holds both models, under the prefixes the checkpoints use
+    keys = set(net.state_dict())
+    assert {k.split(".")[0] for k in keys} == {"glance", "focus"}
+    wrapped = torch.nn.DataParallel(net)
+    assert unwrap(wrapped) is net and unwrap(net) is net
+
+
+@pytest.mark.parametrize("config", ["inference.json", "train.json"])
+def test_metadata_matches_configs(config):
+    """network_data_format (what MONAI tools and MONAI Label read) agrees with the config the network is built from."""
+    parser = _parser(config)
+    fmt = parser["_meta_"]["network_data_format"]
+    image, pred = fmt["inputs"]["image"], fmt["outputs"]["pred"]
+    assert image["num_channels"] == len(parser["hu_windows"]) == len(image["channel_def"])
+    assert image["spatial_shape"] == parser["roi_size"] == pred["spatial_shape"]
+    assert pred["channel_def"]["0"] == "background"  # background first, as model-zoo requires
+    assert pred["num_channels"] == len(pred["channel_def"]) == 2
+    net = parser.get_parsed_content("network_def")
+    assert isinstance(net, GlanceFocusNet)
+
+
+@pytest.mark.parametrize("config", ["inference.json", "train.json"])
+def test_verify_net_in_out(config):
+    """MONAI's model-zoo CI check (channels and dtype from metadata.json) on the Focus output, and the same check
+    on the Glance head (2 logits: discard, keep)."""
+    verify_net_in_out(net_id="network_def", meta_file=META, config_file=str(CONFIGS / config), device="cpu")
+    verify_net_in_out(
+        net_id="network_def", meta_file=META, config_file=str(CONFIGS / config), device="cpu",
+        extra_forward_args={"glance": True},
+    )
+    # a wrong channel count in metadata must be caught (the check is not vacuous)
+    with pytest.raises(ValueError, match="output channel number"):
+        verify_net_in_out(
+            net_id="network_def", meta_file=META, config_file=str(CONFIGS / config), device="cpu",
+            **{"_meta_#network_data_format#outputs#pred#num_channels": 3},
+        )
+
+
+def test_torchscript_in_process():
+    torch.manual_seed(0)
+    net = _parser("inference.json").get_parsed_content("network_def").eval()
+    scripted = torch.jit.script(net)
+    x = torch.rand(1, 2, 64, 64, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), net(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(scripted(x, True), net(x, glance=True), rtol=1e-4, atol=1e-5)
+
+
+def test_ckpt_export_torchscript(tmp_path):
+    """`python -m monai.bundle ckpt_export` (the model-zoo command) writes a .ts equal to the eager network."""
+    torch.manual_seed(1)
+    net = _parser("inference.json").get_parsed_content("network_def")
+    # non-trivial BatchNorm statistics, so that a wrong eval/train state or unloaded buffers would show
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    ckpt = tmp_path / "model.pt"
+    torch.save(net.state_dict(), ckpt)
+    ts = tmp_path / "model.ts"
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def",
+            "--filepath", str(ts), "--ckpt_file", str(ckpt),
+            "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json",
+        ],
+        cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ts.is_file()
+
+    extra = {"metadata.json": ""}
+    loaded = torch.jit.load(str(ts), _extra_files=extra)
+    assert json.loads(extra["metadata.json"])["network_data_format"]["outputs"]["pred"]["num_channels"] == 2
+    with zipfile.ZipFile(ts) as z:
+        assert any(n.endswith("extra/inference.json") for n in z.namelist()), z.namelist()
+
+    net.eval()
+    x = torch.rand(2, 2, 64, 64, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), net(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(loaded(x, True), net(x, glance=True), rtol=1e-4, atol=1e-5)
+        assert loaded(x).shape == (2, 2, 64, 64, 32)

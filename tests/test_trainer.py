@@ -1,0 +1,195 @@
+"""GRPOTrainer: MONAI iteration events, loss terms, Glance updates, the frozen reference policy and its refresh."""
+
+import copy
+
+import pytest
+import torch
+from ignite.engine import Events
+from monai.engines.utils import IterationEvents
+from monai.handlers import CheckpointSaver
+from monai.losses import DiceCELoss
+from monai.networks.nets import UNet
+
+from scripts import grpo
+from scripts.networks import GlanceFocusNet, GlanceNet
+from scripts.trainer import LOG_KEYS, GRPOTrainer, ReferencePolicyRefresh, log_terms, resume_latest
+
+GROUP = 4
+WINDOW = (16, 16, 16)
+
+
+def _net(seed: int = 0) -> GlanceFocusNet:
+    torch.manual_seed(seed)
+    glance = GlanceNet(in_channels=1, downsample=2, block_inplanes=(4, 8, 16, 32))
+    focus = UNet(3, 1, 2, channels=(4, 8, 16), strides=(2, 2), num_res_units=0)
+    return GlanceFocusNet(glance, focus)
+
+
+def _batch(n_windows: int = 2 * GROUP, seed: int = 0) -> dict:
+    """Windows of two scans; half of each group holds a bright cube labelled as lesion."""
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(n_windows, 1, *WINDOW, generator=g) * 0.2
+    label = torch.zeros(n_windows, 1, *WINDOW)
+    for i in range(0, n_windows, 2):
+        image[i, :, 4:10, 4:10, 4:10] += 0.8
+        label[i, :, 4:10, 4:10, 4:10] = 1
+    return {"image": image, "label": label}
+
+
+def _trainer(net, batches, max_epochs=1, **kwargs) -> GRPOTrainer:
+    kwargs.setdefault("group_size", GROUP)
+    return GRPOTrainer(
+        device=torch.device("cpu"),
+        max_epochs=max_epochs,
+        train_data_loader=batches,
+        network=net,
+        optimizer=torch.optim.AdamW(net.parameters(), lr=1e-2),
+        loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
+        decollate=False,
+        amp=False,
+        **kwargs,
+    )
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_iteration_fires_monai_events_in_order():
+    trainer = _trainer(_net(), [_batch()])
+    fired = []
+    for event in (
+        IterationEvents.FORWARD_COMPLETED,
+        IterationEvents.LOSS_COMPLETED,
+        IterationEvents.BACKWARD_COMPLETED,
+        IterationEvents.MODEL_COMPLETED,
+    ):
+        trainer.add_event_handler(event, lambda e, name=event.name: fired.append(name))
+    trainer.run()
+    assert fired == ["FORWARD_COMPLETED", "LOSS_COMPLETED", "BACKWARD_COMPLETED", "MODEL_COMPLETED"]
+    assert trainer.state.iteration == 1
+
+
+def test_loss_terms_add_up():
+    batch = _batch()
+    trainer = _trainer(_net(), [batch], alpha=0.1)
+    trainer.run()
+    out = trainer.state.output
+    assert set(LOG_KEYS) <= set(out) and {"loss", "pred", "image", "label"} <= set(out)
+    rl_weight = getattr(trainer, "rl_weight", 1.0)
+    expected = out["seg_loss"] + 0.1 * out["glance_ce"] + rl_weight * out["rl_loss"]
+    torch.testing.assert_close(out["loss"].detach(), expected, rtol=1e-6, atol=1e-6)
+    # the segmentation term is the configured loss on the Focus logits of this batch
+    torch.testing.assert_close(
+        out["seg_loss"], DiceCELoss(to_onehot_y=True, softmax=True)(out["pred"].detach(), batch["label"]), rtol=1e-5, atol=1e-6
+    )
+    assert out["pred"].shape == (2 * GROUP, 2, *WINDOW)
+    assert 0.0 <= float(out["reward"]) <= 1.0
+    kept = float(out["kept_fraction"])
+    assert 0.0 <= kept <= 1.0 and (kept * 2 * GROUP) == pytest.approx(round(kept * 2 * GROUP))
+    assert float(out["kl"]) >= 0.0  # k3 estimator is non-negative per window
+    for key in LOG_KEYS:  # logged terms must not keep the autograd graph alive
+        assert not out[key].requires_grad, key
+    logged = log_terms(out)
+    assert set(logged) == {"loss", *LOG_KEYS} and all(isinstance(v, float) for v in logged.values())
+    assert logged["loss"] == pytest.approx(float(out["loss"]))
+    assert log_terms([out]) == logged  # decollated output (list) gives the same
+
+
+def test_glance_learns_and_reference_stays_frozen():
+    net = _net()
+    glance_before = copy.deepcopy(net.glance.state_dict())
+    focus_before = copy.deepcopy(net.focus.state_dict())
+    trainer = _trainer(net, [_batch()])
+    assert _equal(trainer.reference.state_dict(), glance_before)
+    assert not any(p.requires_grad for p in trainer.reference.parameters())
+    assert not trainer.reference.training
+    trainer.run()
+
+    after = net.glance.state_dict()
+    changed = [k for k in after if after[k].is_floating_point() and not torch.equal(after[k], glance_before[k])]
+    params = {k for k, _ in net.glance.named_parameters()}
+    assert params <= set(changed), f"glance parameters not updated: {sorted(params - set(changed))}"
+    assert not torch.equal(net.glance.resnet.fc.weight, glance_before["resnet.fc.weight"])
+    assert any(not torch.equal(v, focus_before[k]) for k, v in net.focus.state_dict().items())
+    # the reference did not move with the policy
+    assert _equal(trainer.reference.state_dict(), glance_before)
+    assert not _equal(trainer.reference.state_dict(), net.glance.state_dict())
+
+    ReferencePolicyRefresh()(trainer)
+    assert _equal(trainer.reference.state_dict(), net.glance.state_dict())
+    assert trainer.reference is not net.glance  # a copy, not an alias that would follow every step
+    assert not any(p.requires_grad for p in trainer.reference.parameters())
+
+
+def test_reference_refresh_every_k_epochs():
+    net = _net()
+    trainer = _trainer(net, [_batch()], max_epochs=4)
+    ReferencePolicyRefresh(interval=2).attach(trainer)
+    synced = {}
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def _check(engine):  # registered after the refresh handler, so it sees its effect
+        synced[engine.state.epoch] = _equal(engine.reference.state_dict(), net.glance.state_dict())
+
+    trainer.run()
+    assert synced == {1: False, 2: True, 3: False, 4: True}
+    with pytest.raises(ValueError, match="interval"):
+        ReferencePolicyRefresh(interval=0)
+
+
+def test_rewards_are_group_relative():
+    """Per-scan groups: the advantage is computed within each group of `group_size` windows."""
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    adv = grpo.group_advantage(rewards)
+    assert torch.allclose(adv[1], torch.zeros(4))  # a group with equal rewards has no advantage
+    assert adv[0, 0] > 0 and (adv[0, 1:] < 0).all()
+
+
+def test_batch_not_divisible_by_group_size():
+    trainer = _trainer(_net(), [_batch(n_windows=6)])
+    with pytest.raises(ValueError, match=r"6 windows is not a whole number of groups of 4"):
+        trainer.run()
+
+
+@pytest.mark.parametrize("kwargs, match", [({"group_size": 1}, "group_size"), ({"reward": "iou"}, "reward")])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _trainer(_net(), [_batch()], **kwargs)
+
+
+def test_resume_latest_in_process(tmp_path):
+    """resume_latest loads model, optimizer, engine state and reference from the newest checkpoint."""
+    net = _net()
+    trainer = _trainer(net, [_batch()], max_epochs=2)
+    saver = CheckpointSaver(
+        str(tmp_path),
+        {"model": net, "optimizer": trainer.optimizer, "trainer": trainer, "reference": trainer.reference},
+        save_interval=1, n_saved=1, epoch_level=True,
+    )
+    saver.attach(trainer)
+    assert resume_latest(trainer, saver) is None  # fresh start: nothing to load
+    trainer.run()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_*.pt")) == ["checkpoint_epoch=2.pt"]
+
+    net2 = _net(seed=5)
+    trainer2 = _trainer(net2, [_batch()], max_epochs=3)
+    saver2 = CheckpointSaver(
+        str(tmp_path),
+        {"model": net2, "optimizer": trainer2.optimizer, "trainer": trainer2, "reference": trainer2.reference},
+        save_interval=1, n_saved=1, epoch_level=True,
+    )
+    saver2.attach(trainer2)
+    path = resume_latest(trainer2, saver2)
+    assert path is not None and path.endswith("checkpoint_epoch=2.pt")
+    epochs = []
+    trainer2.add_event_handler(Events.EPOCH_STARTED, lambda e: epochs.append(e.state.epoch))
+    loaded = {}
+    trainer2.add_event_handler(
+        Events.EPOCH_STARTED,
+        lambda e: loaded.setdefault("ref", _equal(e.reference.state_dict(), trainer.reference.state_dict())),
+    )
+    trainer2.run()
+    assert epochs == [3]  # continued after epoch 2, did not restart at 1
+    assert loaded["ref"]
+    assert trainer2.state.epoch == 3 and trainer2.state.iteration == 3
