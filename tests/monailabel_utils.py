@@ -63,7 +63,7 @@ def tree(path: Path) -> dict[str, float]:
 class Server:
     """``monailabel start_server`` (as its CLI script runs it) on a free 127.0.0.1 port, stopped on exit."""
 
-    def __init__(self, app: Path, studies: str, bundle: Path, env: dict[str, str] | None = None, host: str | None = None):
+    def __init__(self, app: Path, studies: str, bundle: Path, env: dict | None = None, host: str | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", studies,

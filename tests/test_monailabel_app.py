@@ -35,7 +35,8 @@ def site(tmp_path_factory):
         save_nifti(p.label, p.affine, labels / f"{name}.nii.gz")
     (studies / "broken.nii.gz").write_bytes(b"\x1f\x8b this is not a gzip stream, nor an image" * 50)
     server = Server(app, str(studies), bundle)
-    yield {"root": root, "server": server, "client": server.client, "studies": studies, "labels": labels, "bundle": bundle}
+    yield {"root": root, "server": server, "client": server.client, "studies": studies, "labels": labels,
+           "bundle": bundle}
     server.stop()
 
 
@@ -44,8 +45,9 @@ def infer(client: httpx.Client, **params) -> tuple[dict, bytes]:
     files = params.pop("files", None)
     r = client.post("/infer/gf_screen", params=params, files=files)
     assert r.status_code == 200, r.text
-    parts = {p.headers[b"Content-Disposition"].split(b'name="')[1].split(b'"')[0]: p for p in MultipartDecoder(r.content, r.headers["content-type"]).parts}
-    return json.loads(parts[b"params"].text), parts[b"image"].content
+    parts = MultipartDecoder(r.content, r.headers["content-type"]).parts
+    named = {p.headers[b"Content-Disposition"].split(b'name="')[1].split(b'"')[0]: p for p in parts}
+    return json.loads(named[b"params"].text), named[b"image"].content
 
 
 def label_geometry_matches(label_bytes: bytes, image_path: Path, tmp: Path) -> nib.Nifti1Image:
@@ -60,7 +62,8 @@ def label_geometry_matches(label_bytes: bytes, image_path: Path, tmp: Path) -> n
 
 
 def put_label(client: httpx.Client, image: str, path: Path, tag: str = "final") -> httpx.Response:
-    return client.put("/datastore/label", params={"image": image, "tag": tag}, files={"label": (path.name, path.read_bytes())})
+    files = {"label": (path.name, path.read_bytes())}
+    return client.put("/datastore/label", params={"image": image, "tag": tag}, files=files)
 
 
 def test_binds_loopback_only_by_default(site):
@@ -90,7 +93,8 @@ def test_info_and_datastore(site):
 
 
 def test_no_allow_all_cors(site):
-    r = site["client"].options("/info/", headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "GET"})
+    preflight = {"Origin": "http://evil.example", "Access-Control-Request-Method": "GET"}
+    r = site["client"].options("/info/", headers=preflight)
     assert "access-control-allow-origin" not in r.headers
 
 
@@ -163,12 +167,12 @@ def test_path_traversal_is_refused_and_touches_nothing(site):
     victim = root / "victim.nii.gz"
     victim.write_bytes((site["labels"] / "case0.nii.gz").read_bytes())
     before = {k: v for k, v in tree(root).items() if not k.startswith(str(site["server"].log.parent))}
-    label = site["labels"] / "case1.nii.gz"
+    image, label = {"file": ("x.nii.gz", victim.read_bytes())}, site["labels"] / "case1.nii.gz"
     attempts = [
-        client.put("/datastore/image", params={"image": "../evil"}, files={"file": ("x.nii.gz", label.read_bytes())}),
-        client.put("/datastore/image", params={"image": str(root / "evil")}, files={"file": ("x.nii.gz", label.read_bytes())}),
-        client.put("/datastore/label", params={"image": "case1", "tag": "../../evil"}, files={"label": ("l.nii.gz", label.read_bytes())}),
-        client.put("/datastore/label", params={"image": "../case1", "tag": "final"}, files={"label": ("l.nii.gz", label.read_bytes())}),
+        client.put("/datastore/image", params={"image": "../evil"}, files=image),
+        client.put("/datastore/image", params={"image": str(root / "evil")}, files=image),
+        put_label(client, "case1", label, tag="../../evil"),
+        put_label(client, "../case1", label),
         client.delete("/datastore/image", params={"id": "../victim"}),
         client.delete("/datastore/image", params={"id": str(root / "victim")}),
         client.delete("/datastore/label", params={"id": "case0", "tag": "../../.."}),
@@ -178,7 +182,8 @@ def test_path_traversal_is_refused_and_touches_nothing(site):
         client.put("/datastore/image/info", params={"image": "../victim"}, data={"info": "{}"}),
         client.post("/infer/gf_screen", params={"image": "../victim"}),
         client.post("/infer/gf_screen", params={"image": "case1"}, data={"params": json.dumps({"image": str(victim)})}),
-        client.post("/infer/gf_screen", params={"image": "case1"}, data={"params": json.dumps({"save_label": True, "label_tag": "../../evil"})}),
+        client.post("/infer/gf_screen", params={"image": "case1"},
+                    data={"params": json.dumps({"save_label": True, "label_tag": "../../evil"})}),
     ]
     for r in attempts:
         assert r.status_code == 400, (r.request.url, r.status_code, r.text)
@@ -199,11 +204,16 @@ def test_corrupt_image_and_uploads_get_4xx_with_message(site, tmp_path):
     assert r.status_code == 422 and "not a readable image" in r.json()["detail"]
     r = client.post("/infer/gf_screen", params={"output": "json"}, files={"file": ("junk.nii.gz", junk)})
     assert r.status_code == 422 and r.json()["detail"]
+    whole = (site["studies"] / "case3.nii.gz").read_bytes()
+    cut = {"file": ("cut.nii.gz", whole[: len(whole) // 2])}
+    r = client.put("/datastore/image", params={"image": "cut"}, files=cut)
+    assert r.status_code == 422 and "cannot be read" in r.json()["detail"]
     flat = save_nifti(np.zeros((64, 64, 1), np.int16), np.eye(4), tmp_path / "flat.nii.gz")
     r = client.put("/datastore/image", params={"image": "flat"}, files={"file": ("flat.nii.gz", flat.read_bytes())})
     assert r.status_code == 422 and "3D" in r.json()["detail"]
-    assert client.put("/datastore/label", params={"image": "case3", "tag": "final"}, files={"label": ("l.nii.gz", junk)}).status_code == 422
-    assert not (site["studies"] / "junk.nii.gz").exists() and not (site["studies"] / "flat.nii.gz").exists()
+    r = client.put("/datastore/label", params={"image": "case3", "tag": "final"}, files={"label": ("l.nii.gz", junk)})
+    assert r.status_code == 422
+    assert not any((site["studies"] / f"{name}.nii.gz").exists() for name in ("junk", "cut", "flat"))
 
     bad_requests = [
         client.post("/infer/gf_screen", params={"output": "json"}),  # no image at all
@@ -221,7 +231,8 @@ def test_batch_inference_skips_a_corrupt_image(site):
     result = r.json()
     assert result["broken"] == {} and set(result) == {"broken", "case1", "case2", "case3"}
     assert all(result[i]["label"] == i for i in ("case1", "case2", "case3"))
-    assert sorted(p.name for p in (site["studies"] / "labels" / "original").iterdir()) == [f"case{i}.nii.gz" for i in (1, 2, 3)]
+    originals = sorted(p.name for p in (site["studies"] / "labels" / "original").iterdir())
+    assert originals == [f"case{i}.nii.gz" for i in (1, 2, 3)]
     assert site["client"].get("/datastore/").json()["completed"] == 1  # "original" labels are not final ones
 
 
@@ -231,7 +242,8 @@ def test_info_stays_fast_during_concurrent_inferences(site, tmp_path):
     client, results, latencies = site["client"], [], []
 
     def run() -> None:
-        r = httpx.post(f"{site['server'].url}/infer/gf_screen", params={"output": "json"}, files={"file": ("big.nii.gz", big)}, timeout=300)
+        url, files = f"{site['server'].url}/infer/gf_screen", {"file": ("big.nii.gz", big)}
+        r = httpx.post(url, params={"output": "json"}, files=files, timeout=300)
         results.append((r.status_code, r.json()))
 
     workers = [threading.Thread(target=run) for _ in range(3)]

@@ -13,15 +13,17 @@ import pytest
 from monailabel_utils import SPACING, Server, copy_app, dicom_series, orthanc, phantom, upload_to_orthanc
 
 pytestmark = [pytest.mark.server, pytest.mark.orthanc]
+NO_ORTHANC = "Orthanc not installed: apt-get install orthanc orthanc-dicomweb"
 
 
-@pytest.mark.skipif(shutil.which("Orthanc") is None, reason="Orthanc is not installed (apt-get install orthanc orthanc-dicomweb)")
+@pytest.mark.skipif(shutil.which("Orthanc") is None, reason=NO_ORTHANC)
 def test_dicomweb_list_infer_and_save_dicom_seg(tmp_path):
     app, bundle = copy_app(tmp_path)
     series_uid, files = dicom_series(phantom(5).image, SPACING, tmp_path / "dicom")
     with orthanc(tmp_path) as url:
         upload_to_orthanc(url, files)
-        server = Server(app, f"{url}/dicom-web", bundle, env={"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "cache")})
+        cache = {"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "cache")}
+        server = Server(app, f"{url}/dicom-web", bundle, env=cache)
         try:
             client = server.client
             assert client.get("/datastore/").json()["total"] == 1
@@ -48,7 +50,8 @@ def test_dicomweb_list_infer_and_save_dicom_seg(tmp_path):
 
             segs = httpx.get(f"{url}/dicom-web/series", params={"Modality": "SEG"}).json()
             assert len(segs) == 1
-            seg = httpx.get(f"{url}/dicom-web/studies/{segs[0]['0020000D']['Value'][0]}/series/{segs[0]['0020000E']['Value'][0]}/metadata").json()[0]
+            study, series = (segs[0][tag]["Value"][0] for tag in ("0020000D", "0020000E"))
+            seg = httpx.get(f"{url}/dicom-web/studies/{study}/series/{series}/metadata").json()[0]
             referenced = seg["00081115"]["Value"][0]["0020000E"]["Value"][0]  # ReferencedSeriesSequence
             assert referenced == series_uid
             assert server.alive()

@@ -38,7 +38,7 @@ def test_glance_uncertainty_is_highest_at_the_threshold():
 def test_image_and_label_checks(tmp_path):
     affine = np.diag([1.5, 1.5, 3.0, 1.0])
     image = save_nifti(np.zeros((8, 9, 10), np.int16), affine, tmp_path / "image.nii.gz")
-    assert tuple(check_image(image).GetSize()) == (8, 9, 10)
+    assert check_image(image).shape == (8, 9, 10)
     check_label(save_nifti(np.ones((8, 9, 10), np.uint8), affine, tmp_path / "ok.nii.gz"), image)
     with pytest.raises(InvalidUpload, match="spacing"):
         check_label(save_nifti(np.ones((8, 9, 10), np.uint8), np.eye(4), tmp_path / "sp.nii.gz"), image)

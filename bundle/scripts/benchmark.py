@@ -150,8 +150,8 @@ def _machine() -> str:
 def benchmark(output: str = "../docs/benchmarks.md", realct: str = str(REALCT), phantoms: int = 2, repeats: int = 1) -> None:
     """Run every scheme on the real CT cases (when the folder exists) and on synthetic phantoms; write Markdown."""
     work = Path(tempfile.mkdtemp(prefix="gfbench_cases_"))
-    cases = [(c, str(Path(realct) / _region(c) / f"{c}_ct.nii.gz"), str(Path(realct) / _region(c) / f"{c}_lesion.nii.gz"))
-             for c in REAL_CASES if Path(realct).is_dir()]
+    found = {c: next(Path(realct).glob(f"**/{c}_ct.nii.gz"), None) for c in REAL_CASES} if Path(realct).is_dir() else {}
+    cases = [(c, str(p), str(p).replace("_ct.nii.gz", "_lesion.nii.gz")) for c, p in found.items() if p]
     cases += _phantom_cases(phantoms, work)
     rows = []
     for case, image, label in cases:
@@ -168,10 +168,6 @@ def benchmark(output: str = "../docs/benchmarks.md", realct: str = str(REALCT), 
                   f"{best['windows_focused']}/{best['windows_total']} windows, DSC {best['dsc']:.3f}", flush=True)
     Path(output).write_text(_markdown(rows, repeats))
     (Path(output).with_suffix(".json")).write_text(json.dumps({"machine": _machine(), "rows": rows}, indent=2))
-
-
-def _region(case: str) -> str:
-    return "abdomen" if case.startswith("ircadb") else "extremity" if case.startswith("sts") else "chest"
 
 
 def _markdown(rows: list[dict], repeats: int) -> str:

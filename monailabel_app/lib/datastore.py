@@ -1,4 +1,4 @@
-"""Datastores that keep every id and tag inside the studies folder and refuse unusable uploads (NOTES.md §6.5, §6.7)."""
+"""Datastores that keep ids and tags inside the studies folder and refuse unusable uploads (NOTES.md §6.5, 6.7)."""
 
 from __future__ import annotations
 

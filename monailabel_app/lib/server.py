@@ -59,7 +59,7 @@ class ApiKeyMiddleware:
         self.app, self.api_key = app, api_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] == HEALTH_PATH:
+        if scope["type"] != "http" or scope["path"].rstrip("/") == HEALTH_PATH.rstrip("/"):
             return await self.app(scope, receive, send)
         path, method = scope["path"].rstrip("/"), scope["method"]
         if path == "/auth" and method == "GET":
@@ -68,8 +68,8 @@ class ApiKeyMiddleware:
             return await self._login(scope, receive, send)
         given = self._given_key(Request(scope))
         if given is None:
-            response = JSONResponse({"detail": "API key required (X-API-Key header)"}, 401, {"WWW-Authenticate": "Bearer"})
-            return await response(scope, receive, send)
+            detail = {"detail": "API key required (X-API-Key header)"}
+            return await JSONResponse(detail, 401, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
         if not self._valid(given):
             return await JSONResponse({"detail": "invalid API key"}, 403)(scope, receive, send)
         if path == "/auth/token/valid":

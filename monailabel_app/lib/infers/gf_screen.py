@@ -89,7 +89,8 @@ class GFScreenInfer(BundleInferTask):
         report = self._report(data)
         label, result = super().writer(data, extension, dtype or data.get("result_dtype") or "uint8")
         result["report"] = report
-        result["model"] = {"version": self.version, "weights": Path(self.get_path()).name, "weights_mtime": data["weights_mtime"]}
+        weights = Path(self.get_path()).name
+        result["model"] = {"version": self.version, "weights": weights, "weights_mtime": data["weights_mtime"]}
         return label, result
 
     def glance_windows(self, image: str, device: str = "cpu") -> list[dict]:

@@ -57,7 +57,9 @@ class GFScreenTrain(BundleTrainTask):
 
     def _partition_datalist(self, datalist: list, request: dict[str, Any], shuffle: bool = False) -> tuple[list, list]:
         if len(datalist) < 2:
-            raise InvalidRequest(f"training needs at least 2 images with a usable final label (1 for validation), got {len(datalist)}")
+            raise InvalidRequest(
+                f"training needs at least 2 images with a usable final label (1 for validation), got {len(datalist)}"
+            )
         cases = sorted(datalist, key=lambda d: d["image"])
         random.Random(0).shuffle(cases)
         n_val = min(max(1, round(float(request.get("val_split", 0.2)) * len(cases))), len(cases) - 1)

@@ -1,0 +1,81 @@
+"""Build the training/validation datalist of the shipped weights from ``shared/data/realct`` plus phantoms.
+
+The CTs are resampled once to the bundle's grid (RAS, ``pixdim``) and cropped to the body, so the training
+folder is small enough to copy to a GPU machine; nothing here is ever committed (the licences forbid it).
+Run from the bundle folder: ``python -m scripts.prepare_data --out_dir ../output/realct_train``.
+
+Split (fixed, documented in docs/README.md): validation = ircadb1_1 (abdomen, liver tumours),
+pyradiomics_lung1 (chest, 1.4 mL nodule), sts_012 (extremity sarcoma) and held-out phantoms; everything else
+with a lesion mask trains. totalseg_example (not proven healthy) and crlm_1004 (no mask) are left out.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import fire
+import nibabel as nib
+import numpy as np
+from monai.transforms import Compose, CropForegroundd, LoadImaged, Orientationd, Spacingd
+from tqdm import tqdm
+
+from .phantom import write_phantom_dataset
+
+REALCT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "realct"
+VALIDATION = ("ircadb1_1", "pyradiomics_lung1", "sts_012")
+EXCLUDED = ("totalseg_example", "crlm_1004")
+
+
+def _resampler(pixdim: tuple[float, float, float]) -> Compose:
+    keys = ["image", "label"]
+    return Compose([
+        LoadImaged(keys, ensure_channel_first=True),
+        Orientationd(keys, axcodes="RAS"),
+        Spacingd(keys, pixdim=pixdim, mode=["bilinear", "nearest"]),
+        CropForegroundd(keys, source_key="image", select_fn=lambda x: x > -500, margin=8, allow_smaller=True),
+    ])
+
+
+def _save(array: np.ndarray, affine: np.ndarray, path: Path, dtype: type) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.round(array).astype(dtype), affine), str(path))
+    return str(path)
+
+
+def prepare(
+    out_dir: str = "../output/realct_train",
+    realct: str = str(REALCT),
+    pixdim: tuple[float, float, float] = (1.5, 1.5, 3.0),
+    lidc_crops: int = 60,
+    phantoms: int = 24,
+    seed: int = 0,
+) -> str:
+    """Write resampled cases and ``dataset.json`` (relative paths) into ``out_dir``; returns its path."""
+    src, out = Path(realct), Path(out_dir).resolve()
+    cases = json.loads((src / "datalist.json").read_text())["cases"]
+    items = [(c["case"], src / c["image"], src / c["label"]) for c in cases if c.get("label") and c["case"] not in EXCLUDED]
+    crops = sorted((src / "lidc_nodule_crops" / "image").glob("*.nii.gz"))
+    rng = np.random.default_rng(seed)
+    for img in rng.choice(crops, size=min(lidc_crops, len(crops)), replace=False) if crops else []:
+        items.append((img.name[: -len(".nii.gz")], img, img.parent.parent / "nodule_mask" / img.name))
+    resample = _resampler(pixdim)
+    split: dict[str, list] = {"training": [], "validation": []}
+    for case, image, label in tqdm(items, desc="resampling real CT", unit="case"):
+        d = resample({"image": str(image), "label": str(label)})
+        affine = np.asarray(d["image"].affine)
+        entry = {
+            "image": Path(_save(d["image"][0].numpy(), affine, out / "real" / f"{case}_ct.nii.gz", np.int16)).relative_to(out).as_posix(),
+            "label": Path(_save(d["label"][0].numpy(), affine, out / "real" / f"{case}_lesion.nii.gz", np.uint8)).relative_to(out).as_posix(),
+        }
+        split["validation" if case in VALIDATION else "training"].append(entry)
+    ph = json.loads(write_phantom_dataset(out / "phantoms", num_cases=phantoms, val_fraction=0.25, seed=seed).read_text())
+    for key in split:
+        split[key] += [{k: f"phantoms/{v}" for k, v in e.items()} for e in ph[key]]
+    datalist = out / "dataset.json"
+    datalist.write_text(json.dumps({"description": "GF-Screen shipped-weights split", **split}, indent=2))
+    return str(datalist)
+
+
+if __name__ == "__main__":
+    fire.Fire(prepare)
