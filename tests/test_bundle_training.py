@@ -92,6 +92,11 @@ def _merged(files: dict) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
+def _pairs(text: str) -> dict[str, str]:
+    """`name: value name: value ...` of a StatsHandler log line."""
+    return dict(re.findall(r"(\w+): (\S+)", text))
+
+
 def _network_keys(bundle: Path) -> set[str]:
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "inference.json"))
@@ -167,12 +172,12 @@ def test_training_smoke(trained):
     # the console shows the same numbers, with progress
     lines = re.findall(r"Epoch: (\d+)/2, Iter: (\d+)/(\d+) -- (.*)", log)
     assert len(lines) == 2 * iters_per_epoch
-    logged = dict(kv.split(": ") for kv in lines[-1][3].split())
+    logged = _pairs(lines[-1][3])
     assert float(logged["loss"]) == pytest.approx(scalars["loss"][-1][1], abs=1e-4)
     for epoch in (1, 2):
         metrics = re.search(rf"Epoch\[{epoch}\] Metrics -- (.*)", log)
         assert metrics, f"no validation metrics logged for epoch {epoch}"
-        shown = dict(kv.split(": ") for kv in metrics.group(1).split())
+        shown = _pairs(metrics.group(1))
         assert set(shown) == VAL_TAGS
         assert float(shown["val_lesion_dice"]) == pytest.approx(scalars["val_lesion_dice"][epoch - 1][1], abs=1e-4)
 
@@ -269,7 +274,7 @@ def test_killed_training_resumes(tmp_path, small_dataset):
             proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     first_log = log1.read_text()
-    assert "Engine run complete" not in first_log
+    assert "GRPOTrainer - INFO - Engine run complete" not in first_log
     killed_at = max(int(re.search(r"epoch=(\d+)", p.name).group(1)) for p in models.glob("checkpoint_*.pt"))
     assert killed_at < 100
     state = _trainer_state(models / f"checkpoint_epoch={killed_at}.pt")

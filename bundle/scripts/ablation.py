@@ -48,7 +48,8 @@ def ablation(
         arm = out / name.replace(" ", "").replace("+", "_").lower()
         common = {"dataset_dir": str(data), "ckpt_dir": str(arm / "models"), "output_dir": str(arm / "eval"), "num_workers": 0}
         start = time.perf_counter()
-        run("training", config_file=config_file, **common, **overrides, **{"train#trainer#max_epochs": epochs, "resume": False})
+        final = {"train#trainer#max_epochs": epochs, "val_interval": epochs, "resume": False}  # validate (and save) at the end
+        run("training", config_file=config_file, **common, **overrides, **final)
         minutes = (time.perf_counter() - start) / 60
         run("evaluating", config_file=[config_file, "configs/evaluate.json"], **common)
         summary = json.loads((arm / "eval" / "metrics.json").read_text())["summary"]

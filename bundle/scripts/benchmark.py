@@ -147,14 +147,21 @@ def _machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GB RAM, {gpu}; torch {torch.__version__}"
 
 
-def benchmark(output: str = "../docs/benchmarks.md", realct: str = str(REALCT), phantoms: int = 2, repeats: int = 1) -> None:
-    """Run every scheme on the real CT cases (when the folder exists) and on synthetic phantoms; write Markdown."""
+def benchmark(
+    output: str = "../docs/benchmarks.md",
+    realct: str = str(REALCT),
+    cases: tuple[str, ...] = REAL_CASES,
+    phantoms: int = 2,
+    repeats: int = 1,
+) -> None:
+    """Run every scheme on the named real CT cases (those found under ``realct``) and on synthetic phantoms;
+    the Markdown table (and a JSON twin) is rewritten after every run, so a cut-short benchmark keeps its rows."""
     work = Path(tempfile.mkdtemp(prefix="gfbench_cases_"))
-    found = {c: next(Path(realct).glob(f"**/{c}_ct.nii.gz"), None) for c in REAL_CASES} if Path(realct).is_dir() else {}
-    cases = [(c, str(p), str(p).replace("_ct.nii.gz", "_lesion.nii.gz")) for c, p in found.items() if p]
-    cases += _phantom_cases(phantoms, work)
+    found = {c: next(Path(realct).glob(f"**/{c}_ct.nii.gz"), None) for c in cases} if Path(realct).is_dir() else {}
+    todo = [(c, str(p), str(p).replace("_ct.nii.gz", "_lesion.nii.gz")) for c, p in found.items() if p]
+    todo += _phantom_cases(phantoms, work)
     rows = []
-    for case, image, label in cases:
+    for case, image, label in todo:
         for scheme in SCHEMES:
             runs = []
             for _ in range(repeats):
@@ -166,8 +173,8 @@ def benchmark(output: str = "../docs/benchmarks.md", realct: str = str(REALCT), 
             rows.append({"case": case, **best})
             print(f"{case} {SCHEMES[scheme]}: model {best['model_s']:.2f} s, end to end {best['end_to_end_s']:.2f} s, "
                   f"{best['windows_focused']}/{best['windows_total']} windows, DSC {best['dsc']:.3f}", flush=True)
-    Path(output).write_text(_markdown(rows, repeats))
-    (Path(output).with_suffix(".json")).write_text(json.dumps({"machine": _machine(), "rows": rows}, indent=2))
+            Path(output).write_text(_markdown(rows, repeats))
+            Path(output).with_suffix(".json").write_text(json.dumps({"machine": _machine(), "rows": rows}, indent=2))
 
 
 def _markdown(rows: list[dict], repeats: int) -> str:
