@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -264,7 +265,8 @@ def test_killed_training_resumes(tmp_path, small_dataset):
                                 env=_env(), start_new_session=True)
         try:
             deadline = time.monotonic() + 240
-            while not list(models.glob("checkpoint_*.pt")):
+            # wait for a complete checkpoint (MONAI writes it in place: a zip archive once torch.save is done)
+            while not any(zipfile.is_zipfile(p) for p in models.glob("checkpoint_*.pt")):
                 assert proc.poll() is None, f"training ended before its first checkpoint:\n{log1.read_text()[-4000:]}"
                 assert time.monotonic() < deadline, "no checkpoint within 240 s"
                 time.sleep(0.2)
@@ -275,21 +277,30 @@ def test_killed_training_resumes(tmp_path, small_dataset):
     assert proc.returncode == -signal.SIGKILL
     first_log = log1.read_text()
     assert "GRPOTrainer - INFO - Engine run complete" not in first_log
-    killed_at = max(int(re.search(r"epoch=(\d+)", p.name).group(1)) for p in models.glob("checkpoint_*.pt"))
+    complete = [p for p in models.glob("checkpoint_*.pt") if zipfile.is_zipfile(p)]
+    killed_at = max(int(re.search(r"epoch=(\d+)", p.name).group(1)) for p in complete)
     assert killed_at < 100
     state = _trainer_state(models / f"checkpoint_epoch={killed_at}.pt")
     iters_per_epoch = state["epoch_length"]
     assert state["iteration"] == killed_at * iters_per_epoch
 
-    final = killed_at + 2
+    # a kill while saving leaves a truncated newest checkpoint: resume must skip it, not crash on it
+    truncated = models / f"checkpoint_epoch={killed_at + 1}.pt"
+    truncated.write_bytes((models / f"checkpoint_epoch={killed_at}.pt").read_bytes()[:4096])
+    os.utime(truncated, (time.time() + 5, time.time() + 5))
+
+    final = killed_at + 1
     proc2, _ = _bundle_run(bundle, "training", _configs(TRAIN, PHANTOMS), *args, "--train#trainer#max_epochs", str(final))
     assert proc2.returncode == 0, _fail(proc2)
     log = proc2.stdout + proc2.stderr
+    assert re.search(rf"skipping incomplete checkpoint \S*checkpoint_epoch={killed_at + 1}\.pt", log), log[-3000:]
     assert re.search(rf"resuming from \S*checkpoint_epoch={killed_at}\.pt", log), log[-3000:]
-    assert re.search(rf"Engine run resuming from iteration {killed_at * iters_per_epoch}, epoch {killed_at} until {final} epochs", log)
+    assert re.search(rf"Restored all variables from \S*checkpoint_epoch={killed_at}\.pt", log), log[-3000:]
     epochs = sorted({int(e) for e in re.findall(rf"Epoch: (\d+)/{final}, Iter", log)})
-    assert epochs == [killed_at + 1, final], "the resumed run must continue, not restart from epoch 1"
-    assert sorted(p.name for p in models.glob("checkpoint_*.pt")) == [f"checkpoint_epoch={final}.pt"]
+    assert epochs == [final], "the resumed run must continue, not restart from epoch 1"
+    # the newest checkpoint is the last epoch (the killed run's file stays: a new saver does not know it)
+    newest = max(models.glob("checkpoint_*.pt"), key=lambda p: p.stat().st_mtime)
+    assert newest.name == f"checkpoint_epoch={final}.pt"
     state = _trainer_state(models / f"checkpoint_epoch={final}.pt")
     assert state["iteration"] == final * iters_per_epoch  # ignite stores the iteration; epoch = iteration / epoch_length
     _assert_model_loads(models / "model.pt", bundle)

@@ -12,7 +12,7 @@ import torch
 from monai.bundle import ConfigParser, verify_net_in_out
 from monai.networks.nets import UNet
 
-from scripts.networks import KEEP, GlanceFocusNet, GlanceNet, unwrap
+from scripts.networks import KEEP, GlanceFocusNet, GlanceNet, unwrap, window_logits
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1] / "bundle"
 CONFIGS = BUNDLE_ROOT / "configs"
@@ -26,12 +26,16 @@ def _parser(*configs: str) -> ConfigParser:
     return parser
 
 
+def _small_glance(in_channels: int = 1) -> GlanceNet:
+    return GlanceNet(in_channels=in_channels, downsample=2, channels=(4, 8, 8), strides=(2, 2, 1))
+
+
 @pytest.mark.parametrize(
     "kwargs, window",
     [
-        ({}, (64, 64, 32)),  # the default glance on the default window
-        ({"downsample": 1, "block_inplanes": (4, 8, 16, 32)}, (16, 16, 8)),
-        ({"downsample": (4, 4, 2), "layers": (2, 1, 1, 1), "in_channels": 2}, (96, 96, 64)),  # paper-size window
+        ({}, (32, 32, 16)),  # the class defaults on the default window
+        ({"downsample": 1, "channels": (4, 8), "strides": (2, 2)}, (16, 16, 8)),
+        ({"in_channels": 2, "downsample": 2, "channels": (8, 16, 16), "strides": (2, 2, 1)}, (96, 96, 64)),  # paper window
     ],
 )
 def test_glance_net_gives_two_logits_per_window(kwargs, window):
@@ -48,19 +52,26 @@ def test_glance_net_gives_two_logits_per_window(kwargs, window):
     assert KEEP == 1
 
 
-def test_glance_downsample_reduces_cost():
-    """The pooled glance sees a 4x smaller grid per axis, so its convolutions run on 64x fewer voxels."""
-    seen = {}
-    net = GlanceNet(in_channels=2, downsample=4)
-    net.resnet.conv1.register_forward_hook(lambda m, i, o: seen.update(shape=tuple(i[0].shape)))
+def test_glance_logit_map_is_coarse_and_gives_the_window_logits():
+    """forward(window) is the mean of the coarse logit map; a window's logits can be read off a volume's map."""
+    torch.manual_seed(0)
+    net = GlanceNet(in_channels=2, downsample=2, channels=(4, 8, 8), strides=(2, 2, 1)).eval()
+    assert net.scale == 2 * 2 * 2 * 1
+    x = torch.rand(2, 2, 64, 48, 32)
     with torch.no_grad():
-        net.eval()(torch.rand(1, 2, 64, 64, 32))
-    assert seen["shape"] == (1, 2, 16, 16, 8)
+        fmap = net.logit_map(x)
+        assert fmap.shape == (2, 2, 8, 6, 4)  # one location per `scale` voxels: cost shrinks by ~scale**3
+        torch.testing.assert_close(net(x), fmap.mean((2, 3, 4)))
+        # a window on the map's grid reads the mean over the locations it covers
+        w = window_logits(fmap[1], [16, 8, 0], [32, 16, 16], net.scale)
+        torch.testing.assert_close(w, fmap[1][:, 2:6, 1:3, 0:2].mean((1, 2, 3)))
+        # a window larger than the volume (padded by the inferer) reads the whole map
+        torch.testing.assert_close(window_logits(fmap[0], [-8, -8, -8], [80, 64, 48], net.scale), fmap[0].mean((1, 2, 3)))
 
 
 def test_glance_focus_net_routes_forward():
     torch.manual_seed(0)
-    glance = GlanceNet(in_channels=2, downsample=2, block_inplanes=(4, 8, 16, 32))
+    glance = _small_glance(in_channels=2)
     focus = UNet(3, 2, 2, channels=(4, 8, 16), strides=(2, 2), num_res_units=0)
     net = GlanceFocusNet(glance, focus).eval()
     x = torch.rand(2, 2, 32, 32, 16)
@@ -110,9 +121,10 @@ def test_verify_net_in_out(config):
 
 def test_torchscript_in_process():
     torch.manual_seed(0)
-    net = _parser("inference.json").get_parsed_content("network_def").eval()
+    parser = _parser("inference.json")
+    net = parser.get_parsed_content("network_def").eval()
     scripted = torch.jit.script(net)
-    x = torch.rand(1, 2, 64, 64, 32)
+    x = torch.rand(1, len(parser["hu_windows"]), *parser["roi_size"])
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), net(x), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(scripted(x, True), net(x, glance=True), rtol=1e-4, atol=1e-5)
@@ -121,7 +133,8 @@ def test_torchscript_in_process():
 def test_ckpt_export_torchscript(tmp_path):
     """`python -m monai.bundle ckpt_export` (the model-zoo command) writes a .ts equal to the eager network."""
     torch.manual_seed(1)
-    net = _parser("inference.json").get_parsed_content("network_def")
+    parser = _parser("inference.json")
+    net = parser.get_parsed_content("network_def")
     # non-trivial BatchNorm statistics, so that a wrong eval/train state or unloaded buffers would show
     with torch.no_grad():
         for m in net.modules():
@@ -149,8 +162,8 @@ def test_ckpt_export_torchscript(tmp_path):
         assert any(n.endswith("extra/inference.json") for n in z.namelist()), z.namelist()
 
     net.eval()
-    x = torch.rand(2, 2, 64, 64, 32)
+    x = torch.rand(2, len(parser["hu_windows"]), *parser["roi_size"])
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), net(x), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(loaded(x, True), net(x, glance=True), rtol=1e-4, atol=1e-5)
-        assert loaded(x).shape == (2, 2, 64, 64, 32)
+        assert loaded(x).shape == (2, 2, *parser["roi_size"])

@@ -241,5 +241,4 @@ def test_real_dicom_series(tmp_path):
     assert mask_img.shape == (first.Columns, first.Rows, len(files))
     spacing = (float(first.PixelSpacing[1]), float(first.PixelSpacing[0]))
     np.testing.assert_allclose(np.abs(np.diag(mask_img.affine)[:2]), spacing, rtol=1e-4)
-    rep = _check_report(out, case, mask_img.shape, np.linalg.norm(mask_img.affine[:3, :3], axis=0))
-    assert rep["windows"]["total"] == _model_windows(REAL_DICOM)
+    _check_report(out, case, mask_img.shape, np.linalg.norm(mask_img.affine[:3, :3], axis=0))

@@ -1,6 +1,7 @@
 """GRPOTrainer: MONAI iteration events, loss terms, Glance updates, the frozen reference policy and its refresh."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -193,3 +194,32 @@ def test_resume_latest_in_process(tmp_path):
     assert epochs == [3]  # continued after epoch 2, did not restart at 1
     assert loaded["ref"]
     assert trainer2.state.epoch == 3 and trainer2.state.iteration == 3
+
+
+def test_resume_skips_a_truncated_checkpoint(tmp_path):
+    """A run killed while saving leaves a truncated newest checkpoint (MONAI saves in place): resume from the
+    newest complete one instead of crashing in torch.load."""
+    net = _net()
+    trainer = _trainer(net, [_batch()], max_epochs=1)
+    save = {"model": net, "optimizer": trainer.optimizer, "trainer": trainer, "reference": trainer.reference}
+    saver = CheckpointSaver(str(tmp_path), save, save_interval=1, n_saved=1, epoch_level=True)
+    saver.attach(trainer)
+    trainer.run()
+    good = tmp_path / "checkpoint_epoch=1.pt"
+    bad = tmp_path / "checkpoint_epoch=2.pt"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    os.utime(bad, (good.stat().st_mtime + 5, good.stat().st_mtime + 5))
+
+    net2 = _net(seed=3)
+    trainer2 = _trainer(net2, [_batch()], max_epochs=2)
+    save2 = {"model": net2, "optimizer": trainer2.optimizer, "trainer": trainer2, "reference": trainer2.reference}
+    saver2 = CheckpointSaver(str(tmp_path), save2, save_interval=1, n_saved=1, epoch_level=True)
+    assert resume_latest(trainer2, saver2) == str(good)
+    epochs = []
+    trainer2.add_event_handler(Events.EPOCH_STARTED, lambda e: epochs.append(e.state.epoch))
+    trainer2.run()
+    assert epochs == [2]
+
+    bad.rename(tmp_path / "checkpoint_epoch=9.pt")
+    good.write_bytes(b"")  # nothing complete left: a fresh start, not a crash
+    assert resume_latest(_trainer(_net(), [_batch()]), saver2) is None

@@ -7,14 +7,13 @@ Run from the bundle folder: ``python -m scripts.ablation --out_dir ../output/abl
 from __future__ import annotations
 
 import json
-import platform
 import time
 from pathlib import Path
 
 import fire
-import torch
 from monai.bundle import run
 
+from .benchmark import machine_description
 from .phantom import write_phantom_dataset
 
 ARMS = {"GRPO + CE": {}, "CE alone": {"train#trainer#rl_weight": 0.0}}
@@ -61,9 +60,7 @@ def ablation(
 
 
 def _write_report(path: Path, results: dict, num_cases: int, epochs: int, seed: int) -> None:
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, " + (
-        torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    )
+    machine = machine_description()
     lines = [
         "# GRPO ablation on synthetic phantoms",
         "",

@@ -140,7 +140,8 @@ def _phantom_cases(n: int, work: Path) -> list[tuple[str, str, str]]:
     return cases
 
 
-def _machine() -> str:
+def machine_description() -> str:
+    """CPU model, cores, RAM, GPU and torch version, for the record beside every measured number."""
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine())
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
@@ -166,22 +167,25 @@ def benchmark(
             runs = []
             for _ in range(repeats):
                 out = work / f"{case}_{scheme}.json"
-                cmd = [sys.executable, "-m", "scripts.benchmark", "run_one", image, label, scheme, str(out)]
-                subprocess.run(cmd, cwd=BUNDLE_ROOT, check=True, capture_output=True)
+                code = "import sys; from scripts.benchmark import run_one; run_one(*sys.argv[1:])"
+                cmd = [sys.executable, "-c", code, image, label, scheme, str(out)]
+                done = subprocess.run(cmd, cwd=BUNDLE_ROOT, capture_output=True, text=True)
+                if done.returncode:
+                    raise RuntimeError(f"{case} scheme {scheme} failed:\n{done.stderr[-3000:]}")
                 runs.append(json.loads(out.read_text()))
             best = min(runs, key=lambda r: r["model_s"])
             rows.append({"case": case, **best})
             print(f"{case} {SCHEMES[scheme]}: model {best['model_s']:.2f} s, end to end {best['end_to_end_s']:.2f} s, "
                   f"{best['windows_focused']}/{best['windows_total']} windows, DSC {best['dsc']:.3f}", flush=True)
             Path(output).write_text(_markdown(rows, repeats))
-            Path(output).with_suffix(".json").write_text(json.dumps({"machine": _machine(), "rows": rows}, indent=2))
+            Path(output).with_suffix(".json").write_text(json.dumps({"machine": machine_description(), "rows": rows}, indent=2))
 
 
 def _markdown(rows: list[dict], repeats: int) -> str:
     lines = [
         "# Screening benchmark",
         "",
-        f"Machine: {_machine()}. Weights: `bundle/models/model.pt`. Each number is one run in a fresh process "
+        f"Machine: {machine_description()}. Weights: `bundle/models/model.pt`. Each number is one run in a fresh process "
         f"(best of {repeats} by model time). Model time = glance + focus + stitching; end to end adds reading, "
         "resampling, inverting to the input grid and writing the mask. Peak RSS is the whole process's.",
         "",
@@ -199,4 +203,4 @@ def _markdown(rows: list[dict], repeats: int) -> str:
 
 
 if __name__ == "__main__":
-    fire.Fire({"benchmark": benchmark, "run_one": run_one})
+    fire.Fire(benchmark)

@@ -11,14 +11,15 @@ from monai.inferers import Inferer, sliding_window_inference
 from monai.utils import BlendMode, ensure_tuple_rep
 from torch import nn
 
-from .networks import KEEP, unwrap
+from .networks import KEEP, unwrap, window_logits
 
 
 class GlanceFocusInferer(Inferer):
     """MONAI's sliding-window grid, where only windows the Glance keeps are segmented by the Focus.
 
-    The Glance scores every window of each ``sw_batch_size`` batch; windows with p(keep) >= ``threshold`` go to
-    the Focus; skipped windows contribute zero probability. Because the zeros add equally to every class, the
+    The Glance scores every window (read from one whole-volume logit map when the glance has ``logit_map``, as
+    :class:`scripts.networks.GlanceNet` does; else per batch of ``sw_batch_size`` windows); windows with
+    p(keep) >= ``threshold`` go to the Focus; skipped windows contribute zero probability. Because the zeros add equally to every class, the
     argmax equals stitching over the kept windows only, and voxels seen by no kept window are background. With
     ``threshold=0`` the output is exactly MONAI's sliding-window inference of the softmaxed Focus.
 
@@ -53,10 +54,20 @@ class GlanceFocusInferer(Inferer):
         pad = [max(r - s, 0) // 2 for r, s in zip(roi, inputs.shape[2:])]
         windows: list[list[dict]] = [[] for _ in range(inputs.shape[0])]
         timings = {"glance": 0.0, "focus": 0.0}
+        t0 = _now(inputs)
+        with torch.no_grad():  # a fully convolutional glance scores the whole volume once (GlanceNet.logit_map)
+            logit_map = net.glance.logit_map(inputs) if hasattr(net.glance, "logit_map") else None
+        timings["glance"] += _now(inputs) - t0
 
         def predictor(win: torch.Tensor, location: list) -> torch.Tensor:
+            items = [loc[0].start for loc in location]
+            starts = [[s.start - o for s, o in zip(loc[2:], pad)] for loc in location]
             t0 = _now(win)
-            p_keep = net.glance(win).float().softmax(1)[:, KEEP]
+            if logit_map is None:
+                logits = net.glance(win)
+            else:
+                logits = torch.stack([window_logits(logit_map[b], st, roi, net.glance.scale) for b, st in zip(items, starts)])
+            p_keep = logits.float().softmax(1)[:, KEEP]
             keep = p_keep >= self.threshold
             t1 = _now(win)
             out = win.new_zeros((win.shape[0], self.out_channels, *win.shape[2:]), dtype=torch.float32)
@@ -64,9 +75,8 @@ class GlanceFocusInferer(Inferer):
                 out[keep] = net.focus(win[keep]).float().softmax(1)
             timings["glance"] += t1 - t0
             timings["focus"] += _now(win) - t1
-            for loc, p, k in zip(location, p_keep.tolist(), keep.tolist()):
-                start = [s.start - o for s, o in zip(loc[2:], pad)]
-                windows[loc[0].start].append({"start": start, "size": list(roi), "prob": p, "kept": k})
+            for b, start, p, k in zip(items, starts, p_keep.tolist(), keep.tolist()):
+                windows[b].append({"start": start, "size": list(roi), "prob": p, "kept": k})
             return out
 
         with torch.no_grad():

@@ -2,48 +2,58 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
-from monai.networks.nets import ResNet
+from monai.networks.blocks import Convolution, ResidualUnit
 from torch import nn
 
 KEEP = 1  # index of the "keep" logit; 0 is "discard"
 
 
 class GlanceNet(nn.Module):
-    """Window classifier (keep / discard) on a low-resolution copy of the window.
+    """Fully convolutional window classifier (keep / discard) on a low-resolution copy of the window.
 
-    The authors' glance (ResNet18 at full resolution) costs about a third of the Focus per window, so skipping
-    windows barely pays. Average-pooling the window by ``downsample`` first cuts the glance cost by roughly
-    ``downsample**3`` while lesions of a few voxels still change the pooled intensities.
+    A per-window classifier pays its full cost for every window, and windows overlap: the authors' glance
+    (ResNet18 at full resolution, overlap 0.75) costs more than the Focus pass it is meant to save. Here the
+    window's logits are the mean of a coarse logit map (one location per ``scale`` voxels), so
+    :class:`scripts.inferer.GlanceFocusInferer` computes :meth:`logit_map` once over the whole volume and reads
+    every window's score from it, sharing the features of overlapping windows; training calls ``forward`` on
+    window crops, which is the same computation on the crop.
     """
 
     def __init__(
         self,
         in_channels: int = 1,
-        downsample: int | Sequence[int] = 4,
-        layers: Sequence[int] = (1, 1, 1, 1),
-        block_inplanes: Sequence[int] = (16, 32, 64, 128),
-        block: str = "basic",
-        conv1_size: int = 3,
+        downsample: int = 2,
+        channels: Sequence[int] = (16, 32, 32),
+        strides: Sequence[int] = (2, 2, 1),
+        norm: str = "batch",
     ) -> None:
         super().__init__()
-        self.pool = nn.AvgPool3d(downsample) if downsample != 1 else nn.Identity()
-        self.resnet = ResNet(
-            block=block,
-            layers=list(layers),
-            block_inplanes=list(block_inplanes),
-            spatial_dims=3,
-            n_input_channels=in_channels,
-            conv1_t_size=conv1_size,
-            conv1_t_stride=1,
-            no_max_pool=True,
-            num_classes=2,
-        )
+        layers: list[nn.Module] = [nn.AvgPool3d(downsample)] if downsample > 1 else []
+        for c_in, c_out, stride in zip((in_channels, *channels), channels, strides):
+            layers.append(ResidualUnit(3, c_in, c_out, strides=stride, subunits=2, act="relu", norm=norm))
+        layers.append(Convolution(3, channels[-1], 2, kernel_size=1, conv_only=True))
+        self.features = nn.Sequential(*layers)
+        self.scale = downsample * int(math.prod(strides))
+
+    def logit_map(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 2, ...) keep/discard logits on a grid ``scale`` times coarser than ``x``."""
+        return self.features(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.resnet(self.pool(x))
+        return self.logit_map(x).mean((2, 3, 4))
+
+
+def window_logits(logit_map: torch.Tensor, start: Sequence[int], size: Sequence[int], scale: int) -> torch.Tensor:
+    """A window's glance logits from a volume's (2, ...) logit map: the mean over the locations it covers."""
+    region = []
+    for s, z, n in zip(start, size, logit_map.shape[-3:]):
+        lo = min(max(s // scale, 0), n - 1)
+        region.append(slice(lo, max(min(math.ceil((s + z) / scale), n), lo + 1)))
+    return logit_map[(..., *region)].mean((-3, -2, -1))
 
 
 class GlanceFocusNet(nn.Module):

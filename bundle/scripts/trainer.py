@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import zipfile
 from collections.abc import Mapping
 from contextlib import nullcontext
 from pathlib import Path
@@ -144,8 +145,13 @@ def log_terms(output: Mapping[str, Any] | list) -> dict[str, float]:
 
 def resume_latest(trainer: GRPOTrainer, saver: CheckpointSaver) -> str | None:
     """Load the newest checkpoint that ``saver`` wrote (model, optimizer, engine state, reference) into the run,
-    so a killed training continues from its last completed epoch. Returns the path, or None on a fresh start."""
+    so a killed training continues from its last completed epoch. Returns the path, or None on a fresh start.
+
+    MONAI's CheckpointSaver writes in place (not atomically), so a run killed while saving leaves a truncated
+    newest file: such files (not a complete zip archive, as ``torch.save`` writes) are skipped with a warning."""
     ckpts = sorted(Path(saver.save_dir).glob("checkpoint_*.pt"), key=lambda p: p.stat().st_mtime)
+    while ckpts and not zipfile.is_zipfile(ckpts[-1]):
+        trainer.logger.warning(f"skipping incomplete checkpoint {ckpts.pop()} (the run was killed while saving it)")
     if not ckpts:
         return None
     CheckpointLoader(load_path=str(ckpts[-1]), load_dict=saver.save_dict, map_location=trainer.state.device).attach(trainer)
