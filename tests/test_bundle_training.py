@@ -165,9 +165,13 @@ def test_training_smoke(trained):
     for tag in VAL_TAGS:
         assert [s for s, _ in scalars[tag]] == [1, 2], tag
         assert all(0.0 <= v <= 1.0 for _, v in scalars[tag]), (tag, scalars[tag])
+    parser = ConfigParser()
+    parser.read_config(str(bundle / TRAIN))
+    alpha, rl_weight = parser["train#trainer#alpha"], parser["train#trainer"].get("rl_weight", 1.0)
     for step in range(2 * iters_per_epoch):
         terms = {t: scalars[t][step][1] for t in LOSS_TAGS}
-        assert terms["loss"] == pytest.approx(terms["seg_loss"] + 0.1 * terms["glance_ce"] + terms["rl_loss"], abs=1e-4)
+        expected = terms["seg_loss"] + alpha * terms["glance_ce"] + rl_weight * terms["rl_loss"]
+        assert terms["loss"] == pytest.approx(expected, abs=1e-4)
         assert 0 <= terms["reward"] <= 1 and 0 <= terms["kept_fraction"] <= 1 and terms["kl"] >= 0
 
     # the console shows the same numbers, with progress

@@ -67,12 +67,16 @@ def test_rewards():
     seg = torch.zeros_like(mask)
     seg[0, 0, 1, 1, 2:4] = 1  # overlaps 1 of 2 voxels: Dice 2*1/(2+2) = 0.5
     seg[1, 0, 0, 0, 0] = 1  # false positive in a lesion-free window
-    kept = torch.tensor([1, 1, 0])
-    assert grpo.detection_reward(seg, mask, kept).tolist() == [1.0, 0.0, 0.0]
+    assert grpo.focus_hits(seg, mask).tolist() == [True, False, False]
+    # keep where the Focus finds the lesion, discard where it finds none: both decisions earn 1
+    assert grpo.detection_reward(seg, mask, torch.tensor([1, 0, 0])).tolist() == [1.0, 1.0, 1.0]
+    # discarding a found lesion, or keeping windows where the Focus finds no lesion, earns 0
     assert grpo.detection_reward(seg, mask, torch.tensor([0, 1, 1])).tolist() == [0.0, 0.0, 0.0]
-    assert grpo.dice_reward(seg, mask, kept).tolist() == pytest.approx([0.5, 0.0, 0.0])
-    # lesion-free window with an empty prediction earns nothing (the authors' helper scored it 1)
-    assert grpo.dice_reward(torch.zeros_like(mask), torch.zeros_like(mask), kept).tolist() == [0.0, 0.0, 0.0]
+    assert grpo.dice_reward(seg, mask, torch.tensor([1, 1, 0])).tolist() == pytest.approx([0.5, 0.0, 1.0])
+    assert grpo.dice_reward(seg, mask, torch.tensor([0, 0, 1])).tolist() == pytest.approx([0.0, 1.0, 0.0])
+    # a lesion-free window with an empty prediction earns nothing when kept (the authors' helper scored it 1)
+    empty = torch.zeros_like(mask)
+    assert grpo.dice_reward(empty, empty, torch.tensor([1, 1, 1])).tolist() == [0.0, 0.0, 0.0]
     assert grpo.window_has_lesion(mask).tolist() == [True, False, False]
 
 

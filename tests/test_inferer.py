@@ -11,7 +11,7 @@ from monai.networks.nets import UNet
 from torch import nn
 
 from scripts.inferer import GlanceFocusInferer
-from scripts.networks import GlanceFocusNet, GlanceNet
+from scripts.networks import GlanceFocusNet, GlanceNet, window_logits
 
 ROI = (16, 16, 16)
 
@@ -43,7 +43,7 @@ class MeanGlance(nn.Module):
 
 def _net(glance: nn.Module | None = None) -> GlanceFocusNet:
     torch.manual_seed(0)
-    glance = glance or GlanceNet(in_channels=1, downsample=2, block_inplanes=(4, 8, 16, 32))
+    glance = glance or GlanceNet(in_channels=1, downsample=2, channels=(4, 8, 8), strides=(2, 2, 1))
     focus = UNet(3, 1, 2, channels=(4, 8, 16), strides=(2, 2), num_res_units=0)
     return GlanceFocusNet(glance, Counting(focus)).eval()
 
@@ -75,8 +75,9 @@ def test_threshold_zero_equals_monai_sliding_window(mode, overlap, shape):
 
 def test_threshold_above_every_probability_focuses_nothing():
     net = _net()
-    with torch.no_grad():  # bias the glance to "discard": p(keep) ~ 1e-17 < 1 for every window
-        net.glance.resnet.fc.bias.copy_(torch.tensor([20.0, -20.0]))
+    head = [m for m in net.glance.modules() if getattr(m, "bias", None) is not None and m.bias.shape == (2,)][-1]
+    with torch.no_grad():  # bias the glance's output layer to "discard": p(keep) ~ 1e-17 < 1 for every window
+        head.bias.copy_(torch.tensor([20.0, -20.0]))
     x = _image()
     inferer = GlanceFocusInferer(ROI, sw_batch_size=4, overlap=0.5, threshold=1.0)
     out = inferer(x, net)
@@ -162,16 +163,39 @@ def test_records_and_timings_are_per_call():
     assert all(isinstance(v, float) and v >= 0 for v in inferer.last_timings.values())
 
 
-def test_glance_probabilities_match_the_glance():
-    net = _net()
+def test_window_glance_probabilities():
+    """A per-window glance (no logit_map) is run on each window crop: records hold its p(keep)."""
+    net = _net(MeanGlance(c=0.5, k=10.0))
     x = _image((1, 1, 32, 32, 16))
     inferer = GlanceFocusInferer(ROI, sw_batch_size=2, overlap=0.0, threshold=0.5)
     inferer(x, net)
+    assert len(inferer.last_windows[0]) == 4
     for w in inferer.last_windows[0]:
         win = x[(slice(None), slice(None), *(slice(s, s + n) for s, n in zip(w["start"], w["size"])))]
         with torch.no_grad():
             p = net(win, glance=True).softmax(1)[0, 1].item()
-        assert w["prob"] == pytest.approx(p, abs=1e-5)
+        assert w["prob"] == pytest.approx(p, abs=1e-6)
+
+
+def test_fully_convolutional_glance_runs_once_per_volume():
+    """GlanceNet scores the whole volume once (logit_map); each window's p(keep) is read from that map."""
+    net = _net()
+    assert hasattr(net.glance, "logit_map")
+    calls = []
+    net.glance.features.register_forward_hook(lambda m, i, o: calls.append(tuple(i[0].shape)))
+    x = _image((2, 1, 48, 32, 16))
+    inferer = GlanceFocusInferer(ROI, sw_batch_size=3, overlap=0.5, threshold=0.5)
+    inferer(x, net)
+    assert calls == [tuple(x.shape)]  # one pass over the whole batch of volumes, none per window
+    with torch.no_grad():
+        fmap = net.glance.logit_map(x)
+    for b in range(2):
+        records = inferer.last_windows[b]
+        assert len(records) == 5 * 3 * 1
+        for w in records:
+            expected = window_logits(fmap[b], w["start"], w["size"], net.glance.scale).softmax(0)[1].item()
+            assert w["prob"] == pytest.approx(expected, abs=1e-6)
+            assert w["kept"] == (w["prob"] >= 0.5)
 
 
 @pytest.mark.parametrize("threshold", [-0.1, 1.01])

@@ -167,3 +167,17 @@ def test_ckpt_export_torchscript(tmp_path):
         torch.testing.assert_close(loaded(x), net(x), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(loaded(x, True), net(x, glance=True), rtol=1e-4, atol=1e-5)
         assert loaded(x).shape == (2, 2, *parser["roi_size"])
+
+
+@pytest.mark.skipif(not (BUNDLE_ROOT / "models" / "model.pt").is_file(), reason="no shipped weights in bundle/models")
+def test_shipped_weights_match_network_def():
+    """The shipped models/model.pt loads strictly into inference.json's network (what screen/demo and MONAI Label
+    load); a network change without retrained weights breaks every screening run."""
+    net = _parser("inference.json").get_parsed_content("network_def")
+    state = torch.load(BUNDLE_ROOT / "models" / "model.pt", map_location="cpu", weights_only=True)
+    missing, unexpected = set(net.state_dict()) - set(state), set(state) - set(net.state_dict())
+    assert not missing and not unexpected, (
+        f"models/model.pt does not match inference.json's network_def: {len(missing)} missing keys "
+        f"(e.g. {sorted(missing)[:3]}), {len(unexpected)} unexpected (e.g. {sorted(unexpected)[:3]})"
+    )
+    net.load_state_dict(state, strict=True)

@@ -3,6 +3,7 @@ and DICOM series; reports are consistent; a bad file is reported and skipped, an
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from monai.inferers import sliding_window_inference
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+import scripts.screen as screen_module
 from scripts.phantom import make_phantom
 from scripts.screen import screen
 
@@ -29,9 +31,33 @@ LESION_KEYS = {"volume_ml", "centroid_mm", "bbox_voxel", "max_probability", "vox
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.fixture(scope="module")
+def weights_bundle(tmp_path_factory) -> Path:
+    """A copy of bundle/ whose models/model.pt holds freshly initialised weights of inference.json's network.
+
+    These tests check geometry, reports and error handling, which do not depend on what the weights learned;
+    the shipped weights are checked against the config in test_networks.py."""
+    dest = tmp_path_factory.mktemp("screen") / "bundle"
+    shutil.copytree(BUNDLE_ROOT, dest, ignore=shutil.ignore_patterns("models", "data", "runs", "eval", "__pycache__"))
+    (dest / "models").mkdir()
+    parser = ConfigParser()
+    parser.read_config(str(dest / "configs" / "inference.json"))
+    torch.manual_seed(0)
+    torch.save(parser.get_parsed_content("network_def").state_dict(), dest / "models" / "model.pt")
+    return dest
+
+
+@pytest.fixture
+def use_bundle(weights_bundle, monkeypatch):
+    monkeypatch.setattr(screen_module, "BUNDLE_ROOT", weights_bundle)
+    return weights_bundle
+
+
 def _run(input_path, out, **kwargs) -> int:
+    bundle = screen_module.BUNDLE_ROOT
     try:
-        screen(input=str(input_path), output_dir=str(out), device="cpu", **kwargs)
+        screen(input=str(input_path), output_dir=str(out), device="cpu",
+               config_file=str(bundle / "configs" / "inference.json"), **kwargs)
     except SystemExit as e:
         return int(e.code)
     return 0
@@ -91,7 +117,7 @@ def _lps_permuted(image: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np
     return data, affine @ old_from_new
 
 
-def test_non_ras_anisotropic_nifti_keeps_input_geometry(tmp_path, phantom):
+def test_non_ras_anisotropic_nifti_keeps_input_geometry(tmp_path, phantom, use_bundle):
     affine = phantom.affine.copy()
     affine[:3, 3] = [-30.0, 12.5, -80.0]  # a scanner origin
     ras = tmp_path / "ras.nii.gz"
@@ -132,7 +158,7 @@ def test_non_ras_anisotropic_nifti_keeps_input_geometry(tmp_path, phantom):
     np.testing.assert_allclose(c1, c2, atol=0.05)
 
 
-def test_default_threshold_report(tmp_path, phantom):
+def test_default_threshold_report(tmp_path, phantom, use_bundle):
     path = tmp_path / "scan.nii.gz"
     nib.save(nib.Nifti1Image(phantom.image, phantom.affine), str(path))
     assert _run(path, tmp_path / "out") == 0
@@ -172,7 +198,7 @@ def write_dicom_series(folder: Path, volume: np.ndarray, spacing, origin=(-40.0,
         ds.save_as(folder / f"IM{nz - k:04d}", write_like_original=False)
 
 
-def test_dicom_series_folder(tmp_path):
+def test_dicom_series_folder(tmp_path, use_bundle):
     ph = make_phantom(5, shape=(64, 56, 24), spacing=(1.5, 1.2, 4.0))
     series = tmp_path / "series1"
     write_dicom_series(series, ph.image, (1.5, 1.2, 4.0))
@@ -188,7 +214,7 @@ def test_dicom_series_folder(tmp_path):
     _check_report(out, "series1", ph.image.shape, (1.5, 1.2, 4.0), threshold=0.0)
 
 
-def test_bad_file_is_reported_and_batch_continues(tmp_path):
+def test_bad_file_is_reported_and_batch_continues(tmp_path, weights_bundle):
     """CLI run on a folder: a corrupt file between two good ones. Both good scans are screened, summary.json
     names the bad one, the exit status is 1."""
     folder = tmp_path / "scans"
@@ -200,7 +226,7 @@ def test_bad_file_is_reported_and_batch_continues(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "scripts.screen", "--input", str(folder), "--output_dir", str(out), "--device", "cpu"],
-        cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"},
+        cwd=weights_bundle, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"},
     )
     assert proc.returncode == 1, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -216,9 +242,9 @@ def test_bad_file_is_reported_and_batch_continues(tmp_path):
     assert not (out / "b_corrupt_report.json").exists()
 
 
-def test_missing_input_and_datalist(tmp_path):
+def test_missing_input_and_datalist(tmp_path, use_bundle):
     with pytest.raises(FileNotFoundError, match="input not found"):
-        screen(input=str(tmp_path / "none.nii.gz"), output_dir=str(tmp_path / "out"))
+        _run(tmp_path / "none.nii.gz", tmp_path / "out")
     ph = make_phantom(4, shape=(48, 48, 24), spacing=(2.0, 2.0, 3.0))
     nib.save(nib.Nifti1Image(ph.image, ph.affine), str(tmp_path / "one.nii.gz"))
     datalist = tmp_path / "list.json"
@@ -231,7 +257,7 @@ def test_missing_input_and_datalist(tmp_path):
 
 @pytest.mark.realdata
 @pytest.mark.skipif(not REAL_DICOM.is_dir(), reason=f"real DICOM series not found at {REAL_DICOM}")
-def test_real_dicom_series(tmp_path):
+def test_real_dicom_series(tmp_path, use_bundle):
     files = sorted(p for p in REAL_DICOM.iterdir() if p.is_file())
     first = pydicom.dcmread(files[0], stop_before_pixels=True)
     out = tmp_path / "out"

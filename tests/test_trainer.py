@@ -11,7 +11,6 @@ from monai.handlers import CheckpointSaver
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 
-from scripts import grpo
 from scripts.networks import GlanceFocusNet, GlanceNet
 from scripts.trainer import LOG_KEYS, GRPOTrainer, ReferencePolicyRefresh, log_terms, resume_latest
 
@@ -21,7 +20,7 @@ WINDOW = (16, 16, 16)
 
 def _net(seed: int = 0) -> GlanceFocusNet:
     torch.manual_seed(seed)
-    glance = GlanceNet(in_channels=1, downsample=2, block_inplanes=(4, 8, 16, 32))
+    glance = GlanceNet(in_channels=1, downsample=2, channels=(4, 8, 8), strides=(2, 2, 1))
     focus = UNet(3, 1, 2, channels=(4, 8, 16), strides=(2, 2), num_res_units=0)
     return GlanceFocusNet(glance, focus)
 
@@ -53,7 +52,8 @@ def _trainer(net, batches, max_epochs=1, **kwargs) -> GRPOTrainer:
 
 
 def _equal(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    """Same weights and normalisation statistics (BatchNorm's step counter aside)."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if not k.endswith("num_batches_tracked"))
 
 
 def test_iteration_fires_monai_events_in_order():
@@ -104,16 +104,15 @@ def test_glance_learns_and_reference_stays_frozen():
     trainer = _trainer(net, [_batch()])
     assert _equal(trainer.reference.state_dict(), glance_before)
     assert not any(p.requires_grad for p in trainer.reference.parameters())
-    assert not trainer.reference.training
     trainer.run()
 
     after = net.glance.state_dict()
     changed = [k for k in after if after[k].is_floating_point() and not torch.equal(after[k], glance_before[k])]
     params = {k for k, _ in net.glance.named_parameters()}
     assert params <= set(changed), f"glance parameters not updated: {sorted(params - set(changed))}"
-    assert not torch.equal(net.glance.resnet.fc.weight, glance_before["resnet.fc.weight"])
     assert any(not torch.equal(v, focus_before[k]) for k, v in net.focus.state_dict().items())
-    # the reference did not move with the policy
+    # the reference did not move with the policy, although it normalised with batch statistics like it
+    assert trainer.reference.training
     assert _equal(trainer.reference.state_dict(), glance_before)
     assert not _equal(trainer.reference.state_dict(), net.glance.state_dict())
 
@@ -137,14 +136,6 @@ def test_reference_refresh_every_k_epochs():
     assert synced == {1: False, 2: True, 3: False, 4: True}
     with pytest.raises(ValueError, match="interval"):
         ReferencePolicyRefresh(interval=0)
-
-
-def test_rewards_are_group_relative():
-    """Per-scan groups: the advantage is computed within each group of `group_size` windows."""
-    rewards = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
-    adv = grpo.group_advantage(rewards)
-    assert torch.allclose(adv[1], torch.zeros(4))  # a group with equal rewards has no advantage
-    assert adv[0, 0] > 0 and (adv[0, 1:] < 0).all()
 
 
 def test_batch_not_divisible_by_group_size():

@@ -24,25 +24,31 @@ def sample_actions(glance_logits: torch.Tensor, generator: torch.Generator | Non
     return torch.bernoulli(p_keep, generator=generator).long()
 
 
-def detection_reward(seg: torch.Tensor, mask: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """Binary reward r_i = 1(s_i ∩ m_i ≠ ∅) for kept windows; a discarded window is predicted background, so 0.
+def focus_hits(seg: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1(s_i ∩ m_i ≠ ∅): the Focus segmentation of window i touches its lesion. (M, 1, ...) -> (M,) bool."""
+    return (seg.gt(0) & mask.gt(0)).flatten(1).any(1)
 
-    ``seg`` and ``mask`` are binary (M, 1, ...); ``actions`` (M,). Returns (M,) float.
+
+def detection_reward(seg: torch.Tensor, mask: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """Binary reward of a sampled decision: 1 when it matches the Focus outcome, else 0.
+
+    Keeping window i earns the poster's r_i = 1(s_i ∩ m_i ≠ ∅); discarding it earns 1 where the Focus would
+    find no lesion there (a healthy window, or a view the Focus cannot use). The authors' code never sampled
+    actions and pushed p(keep) up or down by that same outcome; with sampled actions the discard half must be
+    credited explicitly, or a discarded healthy window earns the same 0 as a kept one and nothing teaches the
+    Glance to skip it. ``seg``, ``mask``: binary (M, 1, ...); ``actions``: (M,) 1 = keep. Returns (M,) float.
     """
-    hit = (seg.gt(0) & mask.gt(0)).flatten(1).any(1)
-    return (hit & actions.bool()).float()
+    return (actions.bool() == focus_hits(seg, mask)).float()
 
 
 def dice_reward(seg: torch.Tensor, mask: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """Dice reward (the poster's ablation): Dice(s_i, m_i) for kept lesion windows, 0 otherwise.
-
-    Lesion-free windows score 0 whatever is predicted (unlike the authors' helper, which scored 1 on every empty
-    ground truth and so rewarded false positives on healthy windows).
-    """
+    """Dice reward (the poster's ablation): a kept window earns Dice(s_i, m_i) (0 on lesion-free windows, unlike
+    the authors' helper, which scored 1 on every empty ground truth and so rewarded false positives); a
+    discarded window earns 1 where the Focus would find no lesion, as in :func:`detection_reward`."""
     s, m = seg.gt(0).flatten(1).float(), mask.gt(0).flatten(1).float()
     inter, total = (s * m).sum(1), s.sum(1) + m.sum(1)
     dice = torch.where(m.sum(1) > 0, 2 * inter / total.clamp_min(1), torch.zeros_like(inter))
-    return dice * actions.float()
+    return torch.where(actions.bool(), dice, (~focus_hits(seg, mask)).float())
 
 
 REWARDS = {"binary": detection_reward, "dice": dice_reward}

@@ -10,6 +10,7 @@ import numpy as np
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
+from monai.utils import convert_to_numpy
 
 from . import metrics, report
 
@@ -63,12 +64,12 @@ class ScreeningReportHandler:
                 "focus": model["focus"],
                 "postprocess_save": post - t["inferred"],
             }
-            mask = np.asarray(item["pred"][0]) > 0
+            mask = convert_to_numpy(item["pred"][0]) > 0
             rep = report.build_report(
                 case,
                 mask,
-                np.asarray(item["prob"][0]),
-                np.asarray(item["pred"].affine),
+                convert_to_numpy(item["prob"][0]),
+                convert_to_numpy(item["pred"].affine),
                 item["windows"],
                 timings,
                 self.threshold,
@@ -90,11 +91,11 @@ class ScreeningReportHandler:
     def _render(self, item: dict, case: str, rep: dict) -> None:
         image = item["image"]
         lo, hi = self.hu_window
-        hu = np.asarray(image[0]) * (hi - lo) + lo
+        hu = convert_to_numpy(image[0]) * (hi - lo) + lo
         heat = report.glance_heatmap(hu.shape, item["windows"])
         title = f"{case}: {rep['verdict']} (score {rep['score']:.2f}, kept {rep['windows']['kept']}/{rep['windows']['total']} windows)"
         report.render_overview(
-            hu, np.asarray(item["pred_model"][0]) > 0, heat, np.asarray(image.affine), self.output_dir / f"{case}_overview.png", title
+            hu, convert_to_numpy(item["pred_model"][0]) > 0, heat, convert_to_numpy(image.affine), self.output_dir / f"{case}_overview.png", title
         )
 
 
@@ -130,9 +131,9 @@ class ScreeningMetricsHandler:
     def iteration_completed(self, engine: Engine) -> None:
         for item in engine.state.output:
             pred = item["pred"]
-            spacing = report.voxel_spacing(np.asarray(pred.affine))
+            spacing = report.voxel_spacing(convert_to_numpy(pred.affine))
             record = metrics.evaluate_case(
-                np.asarray(pred[0]) > 0, np.asarray(item["label"][0]) > 0, spacing, item.get("windows", ()), self.fp_voxel_threshold
+                convert_to_numpy(pred[0]) > 0, convert_to_numpy(item["label"][0]) > 0, spacing, item.get("windows", ()), self.fp_voxel_threshold
             )
             record["case"] = _case_id(pred.meta.get("filename_or_obj", "case"))
             self.cases.append(record)

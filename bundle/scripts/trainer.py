@@ -27,7 +27,8 @@ class GRPOTrainer(SupervisedTrainer):
 
     Each batch holds ``group_size`` windows per scan, scan-major (what ``RandCropByPosNegLabeld(num_samples=N)``
     and MONAI's list collate give). Per iteration: the Focus segments every window (DiceCE loss); the Glance
-    samples keep/discard per window; the reward is the Focus result on the kept windows; advantages are relative
+    samples keep/discard per window; the reward says whether each decision matches the Focus result on that
+    window (:func:`scripts.grpo.detection_reward`); advantages are relative
     within each scan's group. Loss = seg_loss + alpha * balanced CE + GRPO policy loss (eps clip, beta k3-KL to
     the frozen reference Glance ``self.reference``, refreshed by :class:`ReferencePolicyRefresh`).
 
@@ -63,7 +64,12 @@ class GRPOTrainer(SupervisedTrainer):
         self.reward_fn = grpo.REWARDS[reward]
         self.rl_weight = rl_weight
         self.std_floor, self.advantage_clamp = std_floor, advantage_clamp
-        self.reference = copy.deepcopy(unwrap(self.network).glance).requires_grad_(False).eval()
+        self.reference = copy.deepcopy(unwrap(self.network).glance).requires_grad_(False)
+        # The reference normalises like the policy (batch statistics in training, so the ratio is exactly 1
+        # right after a refresh) but must not drift: momentum 0 keeps its running statistics fixed.
+        for m in self.reference.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.momentum = 0.0
 
     def _iteration(self, engine: GRPOTrainer, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
         if batchdata is None:
@@ -100,7 +106,7 @@ class GRPOTrainer(SupervisedTrainer):
         seg_logits = self.network(inputs)
         glance_logits = self.network(inputs, glance=True)
         with torch.no_grad():
-            ref_logits = self.reference(inputs)
+            ref_logits = self.reference.train(self.network.training)(inputs)
             seg = seg_logits.argmax(1, keepdim=True)
             actions = grpo.sample_actions(glance_logits)
             rewards = self.reward_fn(seg, targets, actions).view(-1, self.group_size)
@@ -140,7 +146,7 @@ class ReferencePolicyRefresh:
 def log_terms(output: Mapping[str, Any] | list) -> dict[str, float]:
     """The per-iteration loss terms of a GRPOTrainer output, for StatsHandler / TensorBoard / MLflow handlers."""
     out = output[0] if isinstance(output, list) else output
-    return {k: float(out[k]) for k in (Keys.LOSS, *LOG_KEYS)}
+    return {k: float(torch.as_tensor(out[k]).detach()) for k in (Keys.LOSS, *LOG_KEYS)}
 
 
 def resume_latest(trainer: GRPOTrainer, saver: CheckpointSaver) -> str | None:
