@@ -35,7 +35,7 @@ bench: setup
 	cd bundle && ../$(PY) -m scripts.benchmark --output ../docs/benchmarks.md
 
 pack: setup
-	$(PY) -m bundle.scripts.pack --output dist
+	cd bundle && ../$(PY) -m scripts.pack --output ../dist
 
 clean:
 	rm -rf $(VENV) output dist

@@ -181,3 +181,14 @@ def test_shipped_weights_match_network_def():
         f"(e.g. {sorted(missing)[:3]}), {len(unexpected)} unexpected (e.g. {sorted(unexpected)[:3]})"
     )
     net.load_state_dict(state, strict=True)
+
+
+def test_pool_logits_mean_and_max_by_hand():
+    from scripts.networks import pool_logits
+
+    # (2 logits, 2 x 1 x 1 cells): discard logits [2, 0], keep logits [3, 6]; margins keep - discard 1 and 6
+    cells = torch.tensor([[2.0, 0.0], [3.0, 6.0]]).view(2, 2, 1, 1)
+    assert pool_logits(cells, "mean").tolist() == [1.0, 4.5]
+    assert pool_logits(cells, "max").tolist() == [0.0, 6.0]  # the second cell's (discard, keep) logits
+    with pytest.raises(ValueError, match="window_pool"):
+        GlanceNet(2, window_pool="median")

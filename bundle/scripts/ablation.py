@@ -36,8 +36,10 @@ def ablation(
     epochs: int = 20,
     seed: int = 1,
     config_file: str = "configs/train.json",
+    overrides: dict | None = None,
 ) -> dict:
-    """Train and evaluate each arm; write ``summary.json`` in ``out_dir`` and, if given, a Markdown ``report``."""
+    """Train and evaluate each arm; write ``summary.json`` in ``out_dir`` and, if given, a Markdown ``report``.
+    ``overrides`` (config id -> value) apply to both arms, e.g. ``{"glance_def#window_pool": "max"}``."""
     out = Path(out_dir).resolve()
     data = out / "phantoms"
     if not (data / "dataset.json").exists():
@@ -46,6 +48,7 @@ def ablation(
     for name, overrides in ARMS.items():
         arm = out / name.replace(" ", "").replace("+", "_").lower()
         common = {"dataset_dir": str(data), "ckpt_dir": str(arm / "models"), "output_dir": str(arm / "eval"), "num_workers": 0}
+        common.update(overrides or {})
         start = time.perf_counter()
         final = {"train#trainer#max_epochs": epochs, "val_interval": epochs, "resume": False}  # validate (and save) at the end
         run("training", config_file=config_file, **common, **overrides, **final)
@@ -55,17 +58,17 @@ def ablation(
         results[name] = {"summary": summary, "train_minutes": minutes}
     (out / "summary.json").write_text(json.dumps(results, indent=2))
     if report:
-        _write_report(Path(report), results, num_cases, epochs, seed)
+        _write_report(Path(report), results, num_cases, epochs, seed, overrides or {})
     return {k: {m: v["summary"][m] for m in ("glance_sensitivity", "glance_specificity", "kept_fraction", "dsc")} for k, v in results.items()}
 
 
-def _write_report(path: Path, results: dict, num_cases: int, epochs: int, seed: int) -> None:
+def _write_report(path: Path, results: dict, num_cases: int, epochs: int, seed: int, overrides: dict) -> None:
     machine = machine_description()
     lines = [
         "# GRPO ablation on synthetic phantoms",
         "",
         f"Command (from `bundle/`): `python -m scripts.ablation --num_cases {num_cases} --epochs {epochs} --seed {seed} "
-        f"--report ../docs/grpo_ablation.md`.",
+        f"--report ../docs/grpo_ablation.md" + (f" --overrides '{json.dumps(overrides)}'" if overrides else "") + "`.",
         f"Data: {num_cases} phantoms from `scripts/phantom.py` (seed {seed}; 70 % training, 30 % validation, a quarter "
         "lesion-free). Both arms use `configs/train.json` unchanged except `rl_weight` (0 for CE alone), "
         f"{epochs} epochs, the same seed. Scored on the validation phantoms with `configs/evaluate.json` "

@@ -30,8 +30,12 @@ class GlanceNet(nn.Module):
         channels: Sequence[int] = (16, 32, 32),
         strides: Sequence[int] = (2, 2, 1),
         norm: str = "batch",
+        window_pool: str = "mean",
     ) -> None:
         super().__init__()
+        if window_pool not in ("mean", "max"):
+            raise ValueError(f"window_pool must be 'mean' or 'max', got {window_pool!r}.")
+        self.window_pool = window_pool
         layers: list[nn.Module] = [nn.AvgPool3d(downsample)] if downsample > 1 else []
         for c_in, c_out, stride in zip((in_channels, *channels), channels, strides):
             layers.append(ResidualUnit(3, c_in, c_out, strides=stride, subunits=2, act="relu", norm=norm))
@@ -44,16 +48,26 @@ class GlanceNet(nn.Module):
         return self.features(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.logit_map(x).mean((2, 3, 4))
+        return pool_logits(self.logit_map(x), self.window_pool)
 
 
-def window_logits(logit_map: torch.Tensor, start: Sequence[int], size: Sequence[int], scale: int) -> torch.Tensor:
-    """A window's glance logits from a volume's (2, ...) logit map: the mean over the locations it covers."""
+def pool_logits(logit_map: torch.Tensor, window_pool: str) -> torch.Tensor:
+    """Window logits (..., 2) from the map cells (..., 2, X, Y, Z) it covers: their mean, or (``"max"``, multiple
+    instance style: one suspicious cell is enough) the cell with the largest keep-minus-discard margin."""
+    cells = logit_map.flatten(-3)
+    if window_pool == "mean":
+        return cells.mean(-1)
+    best = (cells[..., 1, :] - cells[..., 0, :]).argmax(-1, keepdim=True)
+    return cells.gather(-1, best.unsqueeze(-2).expand_as(cells[..., :1])).squeeze(-1)
+
+
+def window_logits(logit_map: torch.Tensor, start: Sequence[int], size: Sequence[int], scale: int, window_pool: str = "mean") -> torch.Tensor:
+    """A window's glance logits from a volume's (2, ...) logit map, pooled over the cells it covers."""
     region = []
     for s, z, n in zip(start, size, logit_map.shape[-3:]):
         lo = min(max(s // scale, 0), n - 1)
         region.append(slice(lo, max(min(math.ceil((s + z) / scale), n), lo + 1)))
-    return logit_map[(..., *region)].mean((-3, -2, -1))
+    return pool_logits(logit_map[(..., *region)], window_pool)
 
 
 class GlanceFocusNet(nn.Module):

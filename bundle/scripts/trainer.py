@@ -68,7 +68,7 @@ class GRPOTrainer(SupervisedTrainer):
         # The reference normalises like the policy (batch statistics in training, so the ratio is exactly 1
         # right after a refresh) but must not drift: momentum 0 keeps its running statistics fixed.
         for m in self.reference.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
                 m.momentum = 0.0
 
     def _iteration(self, engine: GRPOTrainer, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
