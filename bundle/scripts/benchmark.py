@@ -33,7 +33,7 @@ from torch import nn
 
 from .inferer import GlanceFocusInferer
 from .metrics import flare_dsc
-from .networks import GlanceFocusNet
+from .networks import GlanceFocusNet, pool_logits
 from .phantom import make_phantom
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
@@ -48,11 +48,17 @@ REAL_CASES = ("ircadb1_1", "pyradiomics_lung1", "pyradiomics_lung2", "ibsi1_lung
 
 
 class OracleGlance(nn.Module):
-    """Glance from the ground truth, passed as the last input channel: keep a window iff it holds a lesion voxel."""
+    """Glance from the ground truth, passed as the last input channel: keep a window iff it holds a lesion voxel.
+    Like GlanceNet it offers a (voxel-level) logit map, so selecting windows costs no per-window network call."""
+
+    scale, window_pool = 1, "max"
+
+    def logit_map(self, x: torch.Tensor) -> torch.Tensor:
+        keep = x[:, -1:].gt(0).float()
+        return torch.cat([1 - keep, keep], 1) * 1e4  # logits whose softmax is exactly 0 or 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        keep = x[:, -1].flatten(1).gt(0).any(1).float()
-        return torch.stack([1 - keep, keep], 1) * 1e4  # logits whose softmax is exactly 0 or 1
+        return pool_logits(self.logit_map(x), self.window_pool)
 
 
 class ImageChannelsOnly(nn.Module):
@@ -204,7 +210,25 @@ def _markdown(rows: list[dict], repeats: int) -> str:
             f"{r['windows_focused']}/{r['windows_total']} | "
             f"{r['peak_rss_gb']:.2f} | {r['dsc']:.3f} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _targets(rows)) + "\n"
+
+
+def _targets(rows: list[dict], case: str = "ircadb1_1") -> list[str]:
+    """The project's targets for the default scheme on ``case``, each with the measured value and met / missed."""
+    by = {r["scheme"]: r for r in rows if r["case"] == case}
+    if not {"a", "c", "d"} <= set(by):
+        return []
+    a, c, d = by["a"], by["c"], by["d"]
+    checks = [
+        ("(c) end to end <= 60 s on this machine", f"{c['end_to_end_s']:.1f} s", c["end_to_end_s"] <= 60),
+        ("(c) peak RSS <= 6 GB", f"{c['peak_rss_gb']:.2f} GB", c["peak_rss_gb"] <= 6),
+        ("(c) glance <= 10 % of (a)'s model time", f"{100 * c['glance_s'] / a['model_s']:.1f} %", c["glance_s"] <= 0.1 * a["model_s"]),
+        ("(d) oracle >= 5x faster than (a), model time", f"{a['model_s'] / d['model_s']:.1f}x", a["model_s"] >= 5 * d["model_s"]),
+        ("(c) >= 4x faster than (a), model time", f"{a['model_s'] / c['model_s']:.1f}x", a["model_s"] >= 4 * c["model_s"]),
+        ("(c) lesion DSC within 0.02 of (a)", f"{c['dsc'] - a['dsc']:+.3f}", c["dsc"] >= a["dsc"] - 0.02),
+    ]
+    lines = ["", f"## Targets on {case}", "", "| target | measured | |", "|---|---|---|"]
+    return lines + [f"| {name} | {value} | {'met' if ok else 'MISSED'} |" for name, value, ok in checks]
 
 
 if __name__ == "__main__":
