@@ -150,28 +150,29 @@ def test_bad_arguments(kwargs, match):
         _trainer(_net(), [_batch()], **kwargs)
 
 
-def test_resume_latest_in_process(tmp_path):
-    """resume_latest loads model, optimizer, engine state and reference from the newest checkpoint."""
-    net = _net()
-    trainer = _trainer(net, [_batch()], max_epochs=2)
+def _saver(tmp_path, net, trainer) -> CheckpointSaver:
+    """The train.json checkpoint: model, optimizer, engine state and reference, every epoch."""
     saver = CheckpointSaver(
         str(tmp_path),
         {"model": net, "optimizer": trainer.optimizer, "trainer": trainer, "reference": trainer.reference},
         save_interval=1, n_saved=1, epoch_level=True,
     )
     saver.attach(trainer)
+    return saver
+
+
+def test_resume_latest_in_process(tmp_path):
+    """resume_latest loads model, optimizer, engine state and reference from the newest checkpoint."""
+    net = _net()
+    trainer = _trainer(net, [_batch()], max_epochs=2)
+    saver = _saver(tmp_path, net, trainer)
     assert resume_latest(trainer, saver) is None  # fresh start: nothing to load
     trainer.run()
     assert sorted(p.name for p in tmp_path.glob("checkpoint_*.pt")) == ["checkpoint_epoch=2.pt"]
 
     net2 = _net(seed=5)
     trainer2 = _trainer(net2, [_batch()], max_epochs=3)
-    saver2 = CheckpointSaver(
-        str(tmp_path),
-        {"model": net2, "optimizer": trainer2.optimizer, "trainer": trainer2, "reference": trainer2.reference},
-        save_interval=1, n_saved=1, epoch_level=True,
-    )
-    saver2.attach(trainer2)
+    saver2 = _saver(tmp_path, net2, trainer2)
     path = resume_latest(trainer2, saver2)
     assert path is not None and path.endswith("checkpoint_epoch=2.pt")
     epochs = []
@@ -214,3 +215,29 @@ def test_resume_skips_a_truncated_checkpoint(tmp_path):
     bad.rename(tmp_path / "checkpoint_epoch=9.pt")
     good.write_bytes(b"")  # nothing complete left: a fresh start, not a crash
     assert resume_latest(_trainer(_net(), [_batch()]), saver2) is None
+
+
+def test_glance_context_crops_feed_the_centre_window_to_the_focus():
+    """With glance_context, the Glance reads the whole crop (its map cut to the centre window before pooling);
+    the Focus, the loss, the reward and the CE label use the centre window only."""
+    torch.manual_seed(0)
+    glance = GlanceNet(in_channels=1, downsample=2, channels=(4, 8, 8), strides=(2, 2, 1), context=(8, 8, 8))
+    focus = UNet(3, 1, 2, channels=(4, 8, 16), strides=(2, 2), num_res_units=0)
+    net = GlanceFocusNet(glance, focus)
+    seen = []
+    focus.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    crops = _batch(n_windows=GROUP)
+    crops = {k: torch.nn.functional.pad(v, [8] * 6) for k, v in crops.items()}  # 32^3 crops around 16^3 windows
+    trainer = _trainer(net, [crops], glance_context=(8, 8, 8))
+    trainer.run()
+    assert seen == [(GROUP, 1, 16, 16, 16)]
+    out = trainer.state.output
+    assert out["label"].shape[2:] == WINDOW and out["pred"].shape[2:] == WINDOW
+    # the glance's window logits are the pooled centre cells of the crop's map (margin 8 voxels = 1 cell)
+    x = crops["image"][:1]
+    with torch.no_grad():
+        net.eval()
+        full = glance.logit_map(x)
+        assert torch.allclose(glance(x), full[:, :, 1:-1, 1:-1, 1:-1].mean((2, 3, 4)))
+    with pytest.raises(ValueError, match="multiples"):
+        GlanceNet(1, context=(3, 0, 0))

@@ -31,6 +31,7 @@ class GlanceNet(nn.Module):
         strides: Sequence[int] = (2, 2, 1),
         norm: str = "batch",
         window_pool: str = "mean",
+        context: Sequence[int] = (0, 0, 0),
     ) -> None:
         super().__init__()
         if window_pool not in ("mean", "max"):
@@ -42,13 +43,22 @@ class GlanceNet(nn.Module):
         layers.append(Convolution(3, channels[-1], 2, kernel_size=1, conv_only=True))
         self.features = nn.Sequential(*layers)
         self.scale = downsample * int(math.prod(strides))
+        if any(c % self.scale for c in context):
+            raise ValueError(f"context {list(context)} must be multiples of the map scale {self.scale}.")
+        self.margin = [int(c) // self.scale for c in context]
 
     def logit_map(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 2, ...) keep/discard logits on a grid ``scale`` times coarser than ``x``."""
         return self.features(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return pool_logits(self.logit_map(x), self.window_pool)
+        """Logits of the window at the centre of ``x``, which extends ``context`` voxels past it on each side.
+
+        Training crops with context, like the whole-volume map the inferer reads windows from, keep a window's
+        score from depending on what lies at the crop border (zero padding)."""
+        m = self.logit_map(x)
+        a, b, c = self.margin
+        return pool_logits(m[:, :, a : m.shape[2] - a, b : m.shape[3] - b, c : m.shape[4] - c], self.window_pool)
 
 
 def pool_logits(logit_map: torch.Tensor, window_pool: str) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,8 @@ class GRPOTrainer(SupervisedTrainer):
         alpha, beta, eps: weights of the glance CE and KL terms, and the ratio clip.
         reward: "binary" (poster's default) or "dice".
         rl_weight: weight of the GRPO policy loss; 0 trains the Glance by balanced CE alone (the ablation).
+        glance_context: voxels each crop extends past its window on each side (the Glance's ``context``): the
+            Glance reads the whole crop, the Focus, the reward and the CE label use the centre window.
         std_floor, advantage_clamp: numerical guards of the group advantage.
         other args: as :class:`monai.engines.SupervisedTrainer`; ``network`` is a GlanceFocusNet (maybe DDP).
     """
@@ -50,6 +52,7 @@ class GRPOTrainer(SupervisedTrainer):
         eps: float = 0.1,
         reward: str = "binary",
         rl_weight: float = 1.0,
+        glance_context: Sequence[int] = (0, 0, 0),
         std_floor: float = 0.01,
         advantage_clamp: float = 5.0,
         **kwargs: Any,
@@ -63,6 +66,7 @@ class GRPOTrainer(SupervisedTrainer):
         self.alpha, self.beta, self.eps = alpha, beta, eps
         self.reward_fn = grpo.REWARDS[reward]
         self.rl_weight = rl_weight
+        self.context = [int(c) for c in glance_context]
         self.std_floor, self.advantage_clamp = std_floor, advantage_clamp
         self.reference = copy.deepcopy(unwrap(self.network).glance).requires_grad_(False)
         # The reference normalises like the policy (batch statistics in training, so the ratio is exactly 1
@@ -101,12 +105,14 @@ class GRPOTrainer(SupervisedTrainer):
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
 
-    def _losses(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _losses(self, crops: torch.Tensor, crop_targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """Forward both models on the windows and return the loss terms and the logged statistics."""
+        centre = (..., *(slice(c, n - c) for c, n in zip(self.context, crops.shape[2:])))
+        inputs, targets = crops[centre], crop_targets[centre]
         seg_logits = self.network(inputs)
-        glance_logits = self.network(inputs, glance=True)
+        glance_logits = self.network(crops, glance=True)
         with torch.no_grad():
-            ref_logits = self.reference.train(self.network.training)(inputs)
+            ref_logits = self.reference.train(self.network.training)(crops)
             seg = seg_logits.argmax(1, keepdim=True)
             actions = grpo.sample_actions(glance_logits)
             rewards = self.reward_fn(seg, targets, actions).view(-1, self.group_size)
@@ -117,6 +123,8 @@ class GRPOTrainer(SupervisedTrainer):
         rl_loss, kl = grpo.grpo_loss(glance_logits, ref_logits, actions, advantage, self.eps, self.beta)
         kept = glance_logits.detach().argmax(-1).eq(KEEP).float().mean()
         return {
+            Keys.IMAGE: inputs,
+            Keys.LABEL: targets,
             Keys.PRED: seg_logits,
             Keys.LOSS: seg_loss + self.alpha * glance_ce + self.rl_weight * rl_loss,
             "seg_loss": seg_loss.detach(),
