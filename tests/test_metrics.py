@@ -231,3 +231,15 @@ def test_glance_window_metric_single_dict_output_and_name():
     assert "glance" not in engine.state.metrics
     with pytest.raises(KeyError):
         GlanceWindowMetric().update([{"pred": None}])
+
+
+def test_glance_operating_point_by_hand():
+    from scripts.metrics import glance_operating_point
+
+    # lesion windows p = .9 .8 .3; lesion-free p = .1 .2 .4 .5 .7. Discarding >= 60 % of the lesion-free windows
+    # needs a threshold above .4; at .5 the lesion windows .9 and .8 are kept: sensitivity 2/3.
+    # AUC: of the 15 (lesion, free) pairs, the lesion window scores higher in 12 -> 0.8.
+    scores = [[0.9, True], [0.8, True], [0.3, True], [0.1, False], [0.2, False], [0.4, False], [0.5, False], [0.7, False]]
+    out = glance_operating_point(scores)
+    assert out == pytest.approx({"auc": 0.8, "threshold": 0.5, "sensitivity": 2 / 3})
+    assert math.isnan(glance_operating_point([[0.5, True]])["auc"])

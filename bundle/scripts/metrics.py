@@ -340,7 +340,32 @@ def evaluate_case(
     }
     if windows:
         record["windows"] = window_confusion([w["kept"] for w in windows], [w["has_lesion"] for w in windows])
+        record["window_scores"] = [[float(w["prob"]), bool(w["has_lesion"])] for w in windows]
     return record
+
+
+def glance_operating_point(scores: Sequence[Sequence[Any]], specificity: float = 0.6) -> dict[str, float]:
+    """The Glance as a window classifier, independent of its threshold: ROC AUC of p(keep) for lesion windows, and
+    the lesion-window sensitivity at the lowest threshold that discards at least ``specificity`` of the lesion-free
+    windows (the operating point of the project's target). NaN where a class is missing."""
+    probs = np.asarray([s[0] for s in scores], float)
+    lesion = np.asarray([s[1] for s in scores], bool)
+    if lesion.all() or not lesion.any():
+        return {"auc": math.nan, "threshold": math.nan, "sensitivity": math.nan}
+    # rank-based AUC (Mann-Whitney U), ties counted half
+    order = probs.argsort(kind="mergesort")
+    ranks = np.empty(len(probs))
+    ranks[order] = np.arange(1, len(probs) + 1)
+    for value in np.unique(probs):
+        tied = probs == value
+        ranks[tied] = ranks[tied].mean()
+    n_pos, n_neg = lesion.sum(), (~lesion).sum()
+    auc = (ranks[lesion].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    threshold = float(np.quantile(probs[~lesion], specificity, method="higher"))
+    discards = probs < threshold
+    if discards[~lesion].mean() < specificity:  # ties at the quantile: move just above it
+        threshold = float(np.nextafter(threshold, np.inf))
+    return {"auc": float(auc), "threshold": threshold, "sensitivity": float((probs[lesion] >= threshold).mean())}
 
 
 def summarise_cases(cases: Sequence[Mapping[str, Any]], bins_ml: Sequence[float] = (0.0, 1.0, 5.0, math.inf)) -> dict[str, Any]:
@@ -348,6 +373,7 @@ def summarise_cases(cases: Sequence[Mapping[str, Any]], bins_ml: Sequence[float]
     scan-level F1 and false-positive rate on lesion-free scans, and pooled glance window rates."""
     lesions = [lesion for c in cases for lesion in c["lesions"]]
     windows = [c["windows"] for c in cases if "windows" in c]
+    scores = [s for c in cases for s in c.get("window_scores", [])]
     pooled: dict[str, Any] = {}
     if windows:
         n_les = sum(w["lesion_windows"] for w in windows)
@@ -358,6 +384,7 @@ def summarise_cases(cases: Sequence[Mapping[str, Any]], bins_ml: Sequence[float]
             "glance_sensitivity": kept_les / n_les if n_les else math.nan,
             "glance_specificity": disc_free / n_free if n_free else math.nan,
             "kept_fraction": sum(w["kept_windows"] for w in windows) / max(n_les + n_free, 1),
+            "glance_roc": glance_operating_point(scores),
         }
     return {
         "cases": len(cases),
