@@ -90,12 +90,10 @@ class GlanceFocusInferer(Inferer):
             out = (out / norm)[(..., *(slice(p, p + n) for p, n in zip(lo, spatial)))]
             timings["focus"] = _now(x) - t0 - timings["glance"]
 
+        starts = [[s.start - p for s, p in zip(window, lo)] for window in grid]
         self.last_windows = [
-            [
-                {"start": [s.start - p for s, p in zip(window, lo)], "size": list(roi), "prob": float(probs[b, w]), "kept": bool(probs[b, w] >= self.threshold)}
-                for w, window in enumerate(grid)
-            ]
-            for b in range(x.shape[0])
+            [{"start": list(st), "size": list(roi), "prob": p, "kept": p >= self.threshold} for st, p in zip(starts, item)]
+            for item in probs.tolist()
         ]
         self.last_timings = timings
         return convert_to_dst_type(out, inputs)[0] if isinstance(inputs, MetaTensor) else out
