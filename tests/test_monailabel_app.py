@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from requests_toolbelt.multipart.decoder import MultipartDecoder
 
-from monailabel_utils import SPACING, Server, copy_app, phantom, save_nifti, tree
+from monailabel_utils import Server, copy_app, phantom, save_nifti, tree
 
 pytestmark = pytest.mark.server
 

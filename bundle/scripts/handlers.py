@@ -6,7 +6,6 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
