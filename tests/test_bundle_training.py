@@ -396,3 +396,20 @@ def test_paper_override_builds_the_authors_networks():
     assert 50e6 < n_focus < 80e6, n_focus  # SwinUNETR f48: ~62 M
     with torch.no_grad():
         assert net.eval()(torch.zeros(1, 2, 96, 96, 64), glance=True).shape == (1, 2)
+
+
+def test_mlflow_tracking(tmp_path, small_dataset):
+    """`--tracking mlflow` (monai.bundle's default MLflow settings) logs the training loss and validation metrics."""
+    import mlflow
+
+    bundle = _copy_bundle(tmp_path / "bundle")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # mlflow 3 refuses the plain file store
+    proc, _ = _bundle_run(
+        bundle, "training", _configs(TRAIN), "--dataset_dir", str(small_dataset),
+        "--train#trainer#max_epochs", "1", "--tracking", "mlflow", "--tracking_uri", uri,
+    )
+    assert proc.returncode == 0, _fail(proc)
+    client = mlflow.MlflowClient(uri)
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert len(runs) == 1
+    assert {"train_loss", "val_lesion_dice", "val_glance_sensitivity"} <= set(runs[0].data.metrics)
