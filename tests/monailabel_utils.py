@@ -78,18 +78,11 @@ class Server:
         self._wait()
 
     def _wait(self, timeout: float = 120) -> None:
-        end = time.time() + timeout
-        while time.time() < end:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(f"{self.url}/health/", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"server not up after {timeout} s:\n{self.output()}")
+        if not wait_until_up(f"{self.url}/health/", self.process, timeout):
+            returncode = self.process.poll()
+            self.stop()
+            state = f"exited with {returncode}" if returncode is not None else f"not up after {timeout} s"
+            raise RuntimeError(f"server {state}:\n{self.output()}")
 
     def output(self) -> str:
         return self.log.read_text()[-5000:]
@@ -106,6 +99,19 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+
+
+def wait_until_up(url: str, process: subprocess.Popen, timeout: float) -> bool:
+    """Poll ``url`` until it answers 200 (True), or the process dies or ``timeout`` seconds pass (False)."""
+    end = time.time() + timeout
+    while time.time() < end and process.poll() is None:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    return False
 
 
 @contextmanager
@@ -130,14 +136,7 @@ def orthanc(tmp: Path) -> Iterator[str]:
         process = subprocess.Popen(["Orthanc", str(path)], stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(60):
-            try:
-                if httpx.get(f"{url}/dicom-web/studies", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        else:
+        if not wait_until_up(f"{url}/dicom-web/studies", process, timeout=30):
             raise RuntimeError(f"Orthanc not up:\n{(tmp / 'orthanc.log').read_text()[-3000:]}")
         yield url
     finally:
