@@ -62,22 +62,23 @@ def test_balanced_ce_weights_classes_equally():
 
 
 def test_rewards():
-    mask = torch.zeros(3, 1, 4, 4, 4)
-    mask[0, 0, 1, 1, 1:3] = 1  # lesion in window 0 only
+    mask = torch.zeros(4, 1, 4, 4, 4)
+    mask[0, 0, 1, 1, 1:3] = 1  # lesion in window 0, found by the Focus
+    mask[3, 0, 2, 2, 2] = 1  # lesion in window 3, missed by the Focus
     seg = torch.zeros_like(mask)
     seg[0, 0, 1, 1, 2:4] = 1  # overlaps 1 of 2 voxels: Dice 2*1/(2+2) = 0.5
     seg[1, 0, 0, 0, 0] = 1  # false positive in a lesion-free window
-    assert grpo.focus_hits(seg, mask).tolist() == [True, False, False]
-    # keep where the Focus finds the lesion, discard where it finds none: both decisions earn 1
-    assert grpo.detection_reward(seg, mask, torch.tensor([1, 0, 0])).tolist() == [1.0, 1.0, 1.0]
-    # discarding a found lesion, or keeping windows where the Focus finds no lesion, earns 0
-    assert grpo.detection_reward(seg, mask, torch.tensor([0, 1, 1])).tolist() == [0.0, 0.0, 0.0]
-    assert grpo.dice_reward(seg, mask, torch.tensor([1, 1, 0])).tolist() == pytest.approx([0.5, 0.0, 1.0])
-    assert grpo.dice_reward(seg, mask, torch.tensor([0, 0, 1])).tolist() == pytest.approx([0.0, 1.0, 0.0])
+    assert grpo.focus_hits(seg, mask).tolist() == [True, False, False, False]
+    assert grpo.window_has_lesion(mask).tolist() == [True, False, False, True]
+    # keep where the Focus finds the lesion, discard lesion-free windows: each earns 1
+    assert grpo.detection_reward(seg, mask, torch.tensor([1, 0, 0, 1])).tolist() == [1.0, 1.0, 1.0, 0.0]
+    # discarding a lesion window earns 0, found or missed; keeping a lesion-free window earns 0
+    assert grpo.detection_reward(seg, mask, torch.tensor([0, 1, 1, 0])).tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert grpo.dice_reward(seg, mask, torch.tensor([1, 1, 0, 0])).tolist() == pytest.approx([0.5, 0.0, 1.0, 0.0])
+    assert grpo.dice_reward(seg, mask, torch.tensor([0, 0, 1, 1])).tolist() == pytest.approx([0.0, 1.0, 0.0, 0.0])
     # a lesion-free window with an empty prediction earns nothing when kept (the authors' helper scored it 1)
     empty = torch.zeros_like(mask)
-    assert grpo.dice_reward(empty, empty, torch.tensor([1, 1, 1])).tolist() == [0.0, 0.0, 0.0]
-    assert grpo.window_has_lesion(mask).tolist() == [True, False, False]
+    assert grpo.dice_reward(empty, empty, torch.tensor([1, 1, 1, 1])).tolist() == [0.0] * 4
 
 
 def test_grpo_loss_combines_surrogate_and_kl():

@@ -193,7 +193,7 @@ def test_fully_convolutional_glance_runs_once_per_volume():
         records = inferer.last_windows[b]
         assert len(records) == 5 * 3 * 1
         for w in records:
-            expected = window_logits(fmap[b], w["start"], w["size"], net.glance.scale).softmax(0)[1].item()
+            expected = window_logits(fmap[b], [w["start"]], w["size"], net.glance.scale)[0].softmax(0)[1].item()
             assert w["prob"] == pytest.approx(expected, abs=1e-6)
             assert w["kept"] == (w["prob"] >= 0.5)
 

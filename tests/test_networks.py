@@ -63,10 +63,42 @@ def test_glance_logit_map_is_coarse_and_gives_the_window_logits():
         assert fmap.shape == (2, 2, 8, 6, 4)  # one location per `scale` voxels: cost shrinks by ~scale**3
         torch.testing.assert_close(net(x), fmap.mean((2, 3, 4)))
         # a window on the map's grid reads the mean over the locations it covers
-        w = window_logits(fmap[1], [16, 8, 0], [32, 16, 16], net.scale)
-        torch.testing.assert_close(w, fmap[1][:, 2:6, 1:3, 0:2].mean((1, 2, 3)))
+        w = window_logits(fmap[1], [[16, 8, 0]], [32, 16, 16], net.scale)
+        torch.testing.assert_close(w[0], fmap[1][:, 2:6, 1:3, 0:2].mean((1, 2, 3)))
         # a window larger than the volume (padded by the inferer) reads the whole map
-        torch.testing.assert_close(window_logits(fmap[0], [-8, -8, -8], [80, 64, 48], net.scale), fmap[0].mean((1, 2, 3)))
+        torch.testing.assert_close(window_logits(fmap[0], [[-8, -8, -8]], [80, 64, 48], net.scale)[0], fmap[0].mean((1, 2, 3)))
+
+
+@pytest.mark.parametrize("window_pool", ["mean", "max"])
+def test_window_logits_of_many_windows_equal_pooling_each_window_cells(window_pool):
+    """The vectorised reader gives, for windows on and off the cell grid and clipped at the volume's end,
+    exactly what pooling each window's own cells gives."""
+    from scripts.networks import pool_logits
+
+    torch.manual_seed(0)
+    fmap = torch.randn(2, 7, 5, 4)
+    size, scale = [16, 16, 8], 4
+    starts = [[0, 0, 0], [8, 4, 8], [12, 6, 2], [14, 10, 8], [-4, 0, 0], [20, 12, 12]]
+    got = window_logits(fmap, starts, size, scale, window_pool)
+    for (x, y, z), row in zip(starts, got):
+        cells = fmap[:, max(x // 4, 0) : -(-(x + 16) // 4), max(y // 4, 0) : -(-(y + 16) // 4), z // 4 : -(-(z + 8) // 4)]
+        torch.testing.assert_close(row, pool_logits(cells, window_pool))
+
+
+def test_glance_receptive_field_and_the_context_that_makes_crop_scores_equal_map_scores():
+    """Receptive field by hand (downsample 2; units of strides 2, 2, 1 with one 3x3x3 conv each):
+    2 + 2*2 = 6, + 2*4 = 14, + 2*8 = 30 voxels; two convs per unit: 70. With the required context a crop's
+    window logits equal the same window's logits read from the map of a larger volume."""
+    assert GlanceNet(1, subunits=2).receptive_field == 70
+    net = GlanceNet(1, channels=(4, 8, 8), subunits=1, context=(16, 16, 16)).eval()
+    assert net.receptive_field == 30 and net.required_context() == 16  # ceil((30 - 8) / 2 / 8) * 8
+    torch.manual_seed(0)
+    volume = torch.rand(1, 1, 128, 128, 96)
+    corner = (40, 32, 40)  # window of 32x32x16 voxels, on the cell grid
+    crop = volume[(..., *(slice(c - 16, c + w + 16) for c, w in zip(corner, (32, 32, 16))))]
+    with torch.no_grad():
+        from_map = window_logits(net.logit_map(volume)[0], [corner], [32, 32, 16], net.scale)[0]
+        torch.testing.assert_close(net(crop)[0], from_map, rtol=1e-4, atol=1e-5)
 
 
 def test_glance_focus_net_routes_forward():

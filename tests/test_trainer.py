@@ -56,6 +56,29 @@ def _equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if not k.endswith("num_batches_tracked"))
 
 
+def test_rl_warmup_epochs_leave_the_policy_loss_out_until_they_are_over():
+    """Epochs 1-2 of rl_warmup_epochs=2: loss = seg + alpha * CE; epoch 3: the GRPO term is added."""
+    seen = []
+    trainer = _trainer(_net(), [_batch()], max_epochs=3, alpha=0.1, rl_warmup_epochs=2)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append({k: e.state.output[k].detach() for k in ("loss", "seg_loss", "glance_ce", "rl_loss")}))
+    trainer.run()
+    for epoch, out in enumerate(seen, 1):
+        rl = out["rl_loss"] if epoch > 2 else 0.0
+        torch.testing.assert_close(out["loss"], out["seg_loss"] + 0.1 * out["glance_ce"] + rl, rtol=1e-6, atol=1e-6)
+    assert float(seen[-1]["rl_loss"]) != 0.0  # the last epoch's sum really holds a policy term
+
+
+def test_trainer_warns_when_the_crop_context_is_less_than_the_glance_needs(caplog):
+    net = _net()  # receptive field 70 voxels: 32 voxels of context needed
+    with caplog.at_level("WARNING"):
+        _trainer(net, [_batch()], glance_context=(8, 8, 8))
+    assert "glance_context [8, 8, 8] is less than the 32 voxels" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        _trainer(net, [_batch()], glance_context=(32, 32, 32))
+    assert "glance_context" not in caplog.text
+
+
 def test_iteration_fires_monai_events_in_order():
     trainer = _trainer(_net(), [_batch()])
     fired = []

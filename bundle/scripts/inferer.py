@@ -101,11 +101,8 @@ class GlanceFocusInferer(Inferer):
     def _glance(self, glance: nn.Module, x: torch.Tensor, grid: list, roi: Sequence[int]) -> torch.Tensor:
         """p(keep) of every window of every volume in ``x``: (B, windows)."""
         if hasattr(glance, "logit_map"):  # shared features: one pass over the volumes
-            maps = glance.logit_map(x)
-            logits = torch.stack([
-                torch.stack([window_logits(m, [s.start for s in w], roi, glance.scale, glance.window_pool) for w in grid])
-                for m in maps
-            ])
+            starts = [[s.start for s in w] for w in grid]
+            logits = torch.stack([window_logits(m, starts, roi, glance.scale, glance.window_pool) for m in glance.logit_map(x)])
         else:
             windows = [(b, w) for b in range(x.shape[0]) for w in grid]
             logits = torch.cat([

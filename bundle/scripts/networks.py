@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from monai.networks.blocks import Convolution, ResidualUnit
 from torch import nn
 
@@ -20,7 +21,10 @@ class GlanceNet(nn.Module):
     window's logits are the mean of a coarse logit map (one location per ``scale`` voxels), so
     :class:`scripts.inferer.GlanceFocusInferer` computes :meth:`logit_map` once over the whole volume and reads
     every window's score from it, sharing the features of overlapping windows; training calls ``forward`` on
-    window crops, which is the same computation on the crop.
+    window crops, which is the same computation on the crop as long as the crop's ``context`` covers the map
+    cells' receptive field (``receptive_field`` voxels wide; see :meth:`required_context`). With less context a
+    cell of the training crop sees zero padding where the whole-volume map sees anatomy, and a Glance trained on
+    crops scores windows differently at inference (measured: window AUC 0.59 on the map vs 0.79 on crops).
     """
 
     def __init__(
@@ -29,6 +33,7 @@ class GlanceNet(nn.Module):
         downsample: int = 2,
         channels: Sequence[int] = (16, 32, 32),
         strides: Sequence[int] = (2, 2, 1),
+        subunits: int = 2,
         norm: str = "batch",
         window_pool: str = "mean",
         context: Sequence[int] = (0, 0, 0),
@@ -39,13 +44,24 @@ class GlanceNet(nn.Module):
         self.window_pool = window_pool
         layers: list[nn.Module] = [nn.AvgPool3d(downsample)] if downsample > 1 else []
         for c_in, c_out, stride in zip((in_channels, *channels), channels, strides):
-            layers.append(ResidualUnit(3, c_in, c_out, strides=stride, subunits=2, act="relu", norm=norm))
+            layers.append(ResidualUnit(3, c_in, c_out, strides=stride, subunits=subunits, act="relu", norm=norm))
         layers.append(Convolution(3, channels[-1], 2, kernel_size=1, conv_only=True))
         self.features = nn.Sequential(*layers)
         self.scale = downsample * int(math.prod(strides))
         if any(c % self.scale for c in context):
             raise ValueError(f"context {list(context)} must be multiples of the map scale {self.scale}.")
         self.margin = [int(c) // self.scale for c in context]
+        # receptive field of one map cell, in input voxels: (k - 1) * jump per layer (3x3x3 convs, first strided)
+        rf, jump = downsample, downsample
+        for stride in strides:
+            rf, jump = rf + 2 * jump, jump * stride
+            rf += 2 * jump * (subunits - 1)
+        self.receptive_field = rf
+
+    def required_context(self) -> int:
+        """Voxels of context a training crop needs on each side of its window so that the window's map cells see
+        no crop border: half the receptive field beyond a cell, rounded up to the map scale."""
+        return math.ceil(max(self.receptive_field - self.scale, 0) / 2 / self.scale) * self.scale
 
     def logit_map(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 2, ...) keep/discard logits on a grid ``scale`` times coarser than ``x``."""
@@ -71,13 +87,32 @@ def pool_logits(logit_map: torch.Tensor, window_pool: str) -> torch.Tensor:
     return cells.gather(-1, best.unsqueeze(-2).expand_as(cells[..., :1])).squeeze(-1)
 
 
-def window_logits(logit_map: torch.Tensor, start: Sequence[int], size: Sequence[int], scale: int, window_pool: str = "mean") -> torch.Tensor:
-    """A window's glance logits from a volume's (2, ...) logit map, pooled over the cells it covers."""
-    region = []
-    for s, z, n in zip(start, size, logit_map.shape[-3:]):
-        lo = min(max(s // scale, 0), n - 1)
-        region.append(slice(lo, max(min(math.ceil((s + z) / scale), n), lo + 1)))
-    return pool_logits(logit_map[(..., *region)], window_pool)
+def window_logits(
+    logit_map: torch.Tensor, starts: Sequence[Sequence[int]], size: Sequence[int], scale: int, window_pool: str = "mean"
+) -> torch.Tensor:
+    """Glance logits (W, 2) of W windows from a volume's (2, X, Y, Z) logit map, each pooled over the map cells
+    it covers. ``starts``: the W window corners in voxels; ``size``: the window size in voxels.
+
+    Windows are grouped by how many cells they cover and each group is read from one stride-1 pooling of the
+    map: scoring a thousand windows costs a few pooling passes instead of a thousand slicing calls."""
+    n = torch.tensor(logit_map.shape[-3:])
+    s = torch.as_tensor(starts, dtype=torch.long).view(-1, 3)
+    lo = torch.minimum((s // scale).clamp_min(0), n - 1)
+    hi = torch.maximum(torch.minimum(-((-(s + torch.as_tensor(size))) // scale), n), lo + 1)
+    out = logit_map.new_empty((len(s), logit_map.shape[0]))
+    for extent in torch.unique(hi - lo, dim=0):
+        rows = (hi - lo == extent).all(1).nonzero().squeeze(1)
+        k = tuple(extent.tolist())
+        if window_pool == "mean":
+            pooled = F.avg_pool3d(logit_map[None], k, stride=1)[0].flatten(1)
+        else:  # the cell with the largest keep-minus-discard margin, both of its logits (as pool_logits)
+            margin = (logit_map[1] - logit_map[0])[None, None]
+            best = F.max_pool3d(margin, k, stride=1, return_indices=True)[1].flatten()
+            pooled = logit_map.flatten(1)[:, best]
+        shape = [d - e + 1 for d, e in zip(logit_map.shape[-3:], k)]
+        flat = (lo[rows, 0] * shape[1] + lo[rows, 1]) * shape[2] + lo[rows, 2]
+        out[rows] = pooled[:, flat].T
+    return out
 
 
 class GlanceFocusNet(nn.Module):

@@ -27,8 +27,8 @@ class GRPOTrainer(SupervisedTrainer):
 
     Each batch holds ``group_size`` windows per scan, scan-major (what ``RandCropByPosNegLabeld(num_samples=N)``
     and MONAI's list collate give). Per iteration: the Focus segments every window (DiceCE loss); the Glance
-    samples keep/discard per window; the reward says whether each decision matches the Focus result on that
-    window (:func:`scripts.grpo.detection_reward`); advantages are relative
+    samples keep/discard per window; the reward credits keeping a window where the Focus finds the lesion and
+    discarding a lesion-free one (:func:`scripts.grpo.detection_reward`); advantages are relative
     within each scan's group. Loss = seg_loss + alpha * balanced CE + GRPO policy loss (eps clip, beta k3-KL to
     the frozen reference Glance ``self.reference``, refreshed by :class:`ReferencePolicyRefresh`).
 
@@ -37,6 +37,10 @@ class GRPOTrainer(SupervisedTrainer):
         alpha, beta, eps: weights of the glance CE and KL terms, and the ratio clip.
         reward: "binary" (poster's default) or "dice".
         rl_weight: weight of the GRPO policy loss; 0 trains the Glance by balanced CE alone (the ablation).
+        rl_warmup_epochs: epochs trained with the policy loss off (Glance by balanced CE, Focus as always) before
+            GRPO starts. The reward is the Focus result, which means nothing until the Focus segments: from the
+            first epoch, GRPO pushed every healthy window to "discard" while lesion windows got no signal, and
+            the Glance collapsed to keep nothing (measured on phantoms: kept fraction 0 from epoch 2 to 53).
         glance_context: voxels each crop extends past its window on each side (the Glance's ``context``): the
             Glance reads the whole crop, the Focus, the reward and the CE label use the centre window.
         std_floor, advantage_clamp: numerical guards of the group advantage.
@@ -52,6 +56,7 @@ class GRPOTrainer(SupervisedTrainer):
         eps: float = 0.1,
         reward: str = "binary",
         rl_weight: float = 1.0,
+        rl_warmup_epochs: int = 0,
         glance_context: Sequence[int] = (0, 0, 0),
         std_floor: float = 0.01,
         advantage_clamp: float = 5.0,
@@ -65,8 +70,15 @@ class GRPOTrainer(SupervisedTrainer):
         self.group_size = group_size
         self.alpha, self.beta, self.eps = alpha, beta, eps
         self.reward_fn = grpo.REWARDS[reward]
-        self.rl_weight = rl_weight
+        self.rl_weight, self.rl_warmup_epochs = rl_weight, rl_warmup_epochs
         self.context = [int(c) for c in glance_context]
+        glance = unwrap(self.network).glance
+        if hasattr(glance, "required_context") and min(self.context) < glance.required_context():
+            self.logger.warning(
+                f"glance_context {self.context} is less than the {glance.required_context()} voxels the Glance's "
+                f"receptive field ({glance.receptive_field} voxels) needs: its scores on training crops will differ "
+                "from its scores on whole volumes at inference."
+            )
         self.std_floor, self.advantage_clamp = std_floor, advantage_clamp
         self.reference = copy.deepcopy(unwrap(self.network).glance).requires_grad_(False)
         # The reference normalises like the policy (batch statistics in training, so the ratio is exactly 1
@@ -126,7 +138,7 @@ class GRPOTrainer(SupervisedTrainer):
             Keys.IMAGE: inputs,
             Keys.LABEL: targets,
             Keys.PRED: seg_logits,
-            Keys.LOSS: seg_loss + self.alpha * glance_ce + self.rl_weight * rl_loss,
+            Keys.LOSS: seg_loss + self.alpha * glance_ce + self.current_rl_weight() * rl_loss,
             "seg_loss": seg_loss.detach(),
             "glance_ce": glance_ce.detach(),
             "rl_loss": rl_loss.detach(),
@@ -134,6 +146,11 @@ class GRPOTrainer(SupervisedTrainer):
             "kept_fraction": kept,
             "kl": kl,
         }
+
+
+    def current_rl_weight(self) -> float:
+        """``rl_weight``, or 0 during the first ``rl_warmup_epochs`` epochs."""
+        return self.rl_weight if self.state.epoch > self.rl_warmup_epochs else 0.0
 
 
 class ReferencePolicyRefresh:
