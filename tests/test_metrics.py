@@ -243,3 +243,14 @@ def test_glance_operating_point_by_hand():
     out = glance_operating_point(scores)
     assert out == pytest.approx({"auc": 0.8, "threshold": 0.5, "sensitivity": 2 / 3})
     assert math.isnan(glance_operating_point([[0.5, True]])["auc"])
+
+
+def test_screening_threshold_by_hand():
+    from scripts.metrics import screening_threshold
+
+    scores = [[0.9, True], [0.8, True], [0.3, True], [0.1, False], [0.2, False], [0.4, False], [0.5, False], [0.7, False]]
+    # 95 % of 3 lesion windows needs all 3: threshold .3 keeps .3 .4 .5 .7 and discards .1 .2 (2/5); keeps 6/8
+    assert screening_threshold(scores, 0.95) == pytest.approx({"threshold": 0.3, "sensitivity": 1.0, "specificity": 0.4, "kept_fraction": 0.75})
+    # 60 % needs 2 (ceil 1.8): threshold .8 discards every lesion-free window and keeps 2/8
+    assert screening_threshold(scores, 0.6) == pytest.approx({"threshold": 0.8, "sensitivity": 2 / 3, "specificity": 1.0, "kept_fraction": 0.25})
+    assert math.isnan(screening_threshold([[0.5, False]])["threshold"])

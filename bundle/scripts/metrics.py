@@ -368,6 +368,26 @@ def glance_operating_point(scores: Sequence[Sequence[Any]], specificity: float =
     return {"auc": float(auc), "threshold": threshold, "sensitivity": float((probs[lesion] >= threshold).mean())}
 
 
+def screening_threshold(scores: Sequence[Sequence[Any]], sensitivity: float = 0.95) -> dict[str, float]:
+    """The highest glance threshold that keeps at least ``sensitivity`` of the lesion windows, with the fraction of
+    lesion-free windows it discards and of all windows it keeps: how the shipped threshold is chosen on the
+    validation split (a screening tool must not miss lesions; speed comes second). ``scores``: ``[p, has_lesion]``
+    pairs. NaN where there is no lesion window."""
+    probs = np.asarray([s[0] for s in scores], float)
+    lesion = np.asarray([s[1] for s in scores], bool)
+    if not lesion.any():
+        return {"threshold": math.nan, "sensitivity": math.nan, "specificity": math.nan, "kept_fraction": math.nan}
+    need = math.ceil(sensitivity * lesion.sum() - 1e-9)
+    threshold = float(np.sort(probs[lesion])[::-1][max(need, 1) - 1])
+    kept = probs >= threshold
+    return {
+        "threshold": threshold,
+        "sensitivity": float(kept[lesion].mean()),
+        "specificity": float((~kept[~lesion]).mean()) if (~lesion).any() else math.nan,
+        "kept_fraction": float(kept.mean()),
+    }
+
+
 def summarise_cases(cases: Sequence[Mapping[str, Any]], bins_ml: Sequence[float] = (0.0, 1.0, 5.0, math.inf)) -> dict[str, Any]:
     """Dataset-level screening scores from :func:`evaluate_case` records: mean DSC/NSD, lesion recall by size,
     scan-level F1 and false-positive rate on lesion-free scans, and pooled glance window rates."""
@@ -385,6 +405,7 @@ def summarise_cases(cases: Sequence[Mapping[str, Any]], bins_ml: Sequence[float]
             "glance_specificity": disc_free / n_free if n_free else math.nan,
             "kept_fraction": sum(w["kept_windows"] for w in windows) / max(n_les + n_free, 1),
             "glance_roc": glance_operating_point(scores),
+            "glance_threshold_at_95_sensitivity": screening_threshold(scores, 0.95),
         }
     return {
         "cases": len(cases),
