@@ -63,7 +63,9 @@ class GlanceFocusInferer(Inferer):
         # like MONAI: an image smaller than the window is padded symmetrically with zeros
         lo = [max(r - n, 0) // 2 for r, n in zip(roi, spatial)]
         hi = [max(r - n, 0) - p for r, n, p in zip(roi, spatial, lo)]
-        x = torch.as_tensor(inputs)
+        # a plain tensor, as MONAI's sliding_window_inference uses: every op on a MetaTensor pays for metadata
+        # tracking (measured on ircadb1_1: 1.96 s of a 2.26 s oracle screening went to MetaTensor dispatch)
+        x = inputs.as_tensor() if isinstance(inputs, MetaTensor) else torch.as_tensor(inputs)
         if any(lo + hi):
             x = F.pad(x, [v for pair in zip(reversed(lo), reversed(hi)) for v in pair])
         size = x.shape[2:]
