@@ -101,6 +101,13 @@ def test_glance_receptive_field_and_the_context_that_makes_crop_scores_equal_map
         torch.testing.assert_close(net(crop)[0], from_map, rtol=1e-4, atol=1e-5)
 
 
+def test_glance_rejects_an_input_no_larger_than_its_context():
+    net = GlanceNet(1, channels=(4, 8, 8), subunits=1, context=(16, 16, 16)).eval()
+    with pytest.raises(ValueError, match="larger than twice its context"):
+        net(torch.rand(1, 1, 32, 32, 32))  # 4 map cells per axis, 2 cut on each side: nothing left
+    assert net(torch.rand(1, 1, 64, 64, 48)).shape == (1, 2)
+
+
 def test_glance_focus_net_routes_forward():
     torch.manual_seed(0)
     glance = _small_glance(in_channels=2)
@@ -139,9 +146,10 @@ def test_verify_net_in_out(config):
     """MONAI's model-zoo CI check (channels and dtype from metadata.json) on the Focus output, and the same check
     on the Glance head (2 logits: discard, keep)."""
     verify_net_in_out(net_id="network_def", meta_file=META, config_file=str(CONFIGS / config), device="cpu")
+    # the Glance as inference runs it: on a bare window (training feeds it crops with context instead)
     verify_net_in_out(
         net_id="network_def", meta_file=META, config_file=str(CONFIGS / config), device="cpu",
-        extra_forward_args={"glance": True},
+        extra_forward_args={"glance": True}, **({"glance_context": [0, 0, 0]} if config == "train.json" else {}),
     )
     # a wrong channel count in metadata must be caught (the check is not vacuous)
     with pytest.raises(ValueError, match="output channel number"):

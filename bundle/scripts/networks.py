@@ -74,6 +74,8 @@ class GlanceNet(nn.Module):
         score from depending on what lies at the crop border (zero padding)."""
         m = self.logit_map(x)
         a, b, c = self.margin
+        if m.shape[2] <= 2 * a or m.shape[3] <= 2 * b or m.shape[4] <= 2 * c:
+            raise ValueError("GlanceNet input must be larger than twice its context on each axis: pass the window crop with its context, or build the Glance with context=(0, 0, 0) to score bare windows.")
         return pool_logits(m[:, :, a : m.shape[2] - a, b : m.shape[3] - b, c : m.shape[4] - c], self.window_pool)
 
 
