@@ -47,7 +47,7 @@ def prepare(
     out_dir: str = "../output/realct_train",
     realct: str = str(REALCT),
     pixdim: tuple[float, float, float] = (1.5, 1.5, 3.0),
-    lidc_crops: int = 60,
+    lidc_crops: int = 0,
     phantoms: int = 24,
     seed: int = 0,
 ) -> str:
