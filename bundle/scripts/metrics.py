@@ -370,8 +370,8 @@ def glance_operating_point(scores: Sequence[Sequence[Any]], specificity: float =
 
 def screening_threshold(scores: Sequence[Sequence[Any]], sensitivity: float = 0.95) -> dict[str, float]:
     """The highest glance threshold that keeps at least ``sensitivity`` of the lesion windows, with the fraction of
-    lesion-free windows it discards and of all windows it keeps: how the shipped threshold is chosen on the
-    validation split (a screening tool must not miss lesions; speed comes second). ``scores``: ``[p, has_lesion]``
+    lesion-free windows it discards and of all windows it keeps: the sensitivity-first candidate when a threshold
+    is chosen on a validation split (a screening tool must not miss lesions). ``scores``: ``[p, has_lesion]``
     pairs. NaN where there is no lesion window."""
     probs = np.asarray([s[0] for s in scores], float)
     lesion = np.asarray([s[1] for s in scores], bool)

@@ -18,7 +18,8 @@ class GlanceNet(nn.Module):
 
     A per-window classifier pays its full cost for every window, and windows overlap: the authors' glance
     (ResNet18 at full resolution, overlap 0.75) costs more than the Focus pass it is meant to save. Here the
-    window's logits are the mean of a coarse logit map (one location per ``scale`` voxels), so
+    window's logits are pooled (``window_pool``: the mean, or the most suspicious cell) from a coarse logit map
+    (one location per ``scale`` voxels), so
     :class:`scripts.inferer.GlanceFocusInferer` computes :meth:`logit_map` once over the whole volume and reads
     every window's score from it, sharing the features of overlapping windows; training calls ``forward`` on
     window crops, which is the same computation on the crop as long as the crop's ``context`` covers the map
@@ -75,7 +76,10 @@ class GlanceNet(nn.Module):
         m = self.logit_map(x)
         a, b, c = self.margin
         if m.shape[2] <= 2 * a or m.shape[3] <= 2 * b or m.shape[4] <= 2 * c:
-            raise ValueError("GlanceNet input must be larger than twice its context on each axis: pass the window crop with its context, or build the Glance with context=(0, 0, 0) to score bare windows.")
+            raise ValueError(
+                "GlanceNet input must be larger than twice its context on each axis: pass the window crop with its "
+                "context, or build the Glance with context=(0, 0, 0) to score bare windows."
+            )
         return pool_logits(m[:, :, a : m.shape[2] - a, b : m.shape[3] - b, c : m.shape[4] - c], self.window_pool)
 
 

@@ -51,7 +51,11 @@ def prepare(
     phantoms: int = 24,
     seed: int = 0,
 ) -> str:
-    """Write resampled cases and ``dataset.json`` (relative paths) into ``out_dir``; returns its path."""
+    """Write resampled cases and ``dataset.json`` (relative paths) into ``out_dir``; returns its path.
+
+    ``lidc_crops`` LIDC-IDRI nodule crops join the training split (default none: they are ~25 x 30 x 9 voxels on
+    the training grid, so their windows are mostly air padding, and a Glance trained on 60 of them learnt that
+    tissue beside air means lesion; see the model card)."""
     src, out = Path(realct), Path(out_dir).resolve()
     cases = json.loads((src / "datalist.json").read_text())["cases"]
     items = [(c["case"], src / c["image"], src / c["label"]) for c in cases if c.get("label") and c["case"] not in EXCLUDED]
