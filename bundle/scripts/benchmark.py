@@ -95,42 +95,45 @@ def run_one(image: str, label: str, scheme: str, out_json: str, config_file: str
     x = data["image"][None].to(parser.get_parsed_content("device"))
     t_load = _sync()
     roi = parser["roi_size"]
+    if scheme == "a":
+        seen: list[int] = []
+
+        def focus_all(w: torch.Tensor) -> torch.Tensor:
+            seen.append(len(w))
+            return net(w).softmax(1)
+
+        inferer, model = SlidingWindowInferer(roi, sw_batch_size=4, overlap=0.5, mode="gaussian"), focus_all
+    elif scheme == "b":
+        inferer, model = GlanceFocusInferer(roi, overlap=0.75, threshold=0.9), net
+    elif scheme == "c":
+        inferer, model = parser.get_parsed_content("inferer"), net
+    else:
+        lbl = ResampleToMatch(mode="nearest")(LoadImage(ensure_channel_first=True)(label), img_dst=data["image"])
+        x = torch.cat([x, lbl[None].to(x)], 1)
+        inferer = GlanceFocusInferer(roi, overlap=parser["overlap"], threshold=0.5)
+        model = GlanceFocusNet(OracleGlance(), ImageChannelsOnly(net.focus))
     with torch.no_grad():
-        if scheme == "a":
-            seen: list[int] = []
-
-            def focus_all(w: torch.Tensor) -> torch.Tensor:
-                seen.append(len(w))
-                return net(w).softmax(1)
-
-            prob = SlidingWindowInferer(roi, sw_batch_size=4, overlap=0.5, mode="gaussian")(x, focus_all)
-            focused = total = sum(seen)
-            glance_s = 0.0
-        else:
-            if scheme == "b":
-                inferer = GlanceFocusInferer(roi, overlap=0.75, threshold=0.9)
-                model = net
-            elif scheme == "c":
-                inferer, model = parser.get_parsed_content("inferer"), net
-            else:
-                lbl = ResampleToMatch(mode="nearest")(LoadImage(ensure_channel_first=True)(label), img_dst=data["image"])
-                x = torch.cat([x, lbl[None].to(x)], 1)
-                inferer = GlanceFocusInferer(roi, overlap=parser["overlap"], threshold=0.5)
-                model = GlanceFocusNet(OracleGlance(), ImageChannelsOnly(net.focus))
-            prob = inferer(x, model)
-            windows = inferer.last_windows[0]
-            focused, total = sum(w["kept"] for w in windows), len(windows)
-            glance_s = inferer.last_timings["glance"]
-    t_model = _sync()
+        prob = inferer(x, model)
+        t_model = _sync()
+        inferer(x, model)  # the same screening again, warm: what a batch of scans or a running server pays
+        warm_s = _sync() - t_model
+    if scheme == "a":
+        focused = total = sum(seen) // 2
+        glance_s = 0.0
+    else:
+        windows = inferer.last_windows[0]
+        focused, total = sum(w["kept"] for w in windows), len(windows)
+        glance_s = inferer.last_timings["glance"]
     data["pred"] = prob[0].cpu()
     post = parser.get_parsed_content("postprocessing")(data)
-    t_end = time.perf_counter()
+    t_end = time.perf_counter() - warm_s  # end to end is one (cold) screening
     mask = np.asarray(post["pred"][0]) > 0
     result = {
         "scheme": scheme,
         "end_to_end_s": t_end - t0,
         "load_s": t_load - t0,
         "model_s": t_model - t_load,
+        "model_warm_s": warm_s,
         "glance_s": glance_s,
         "post_save_s": t_end - t_model,
         "windows_focused": focused,
@@ -199,17 +202,20 @@ def _markdown(rows: list[dict], repeats: int) -> str:
         "",
         f"Machine: {machine_description()}. Weights: `bundle/models/model.pt`. Each number is one run in a fresh process "
         f"(best of {repeats} by model time). Model time = glance + focus + stitching; end to end adds reading, "
-        "resampling, inverting to the input grid and writing the mask. Peak RSS is the whole process's.",
+        "resampling, inverting to the input grid and writing the mask. Model s, warm: the same screening run a "
+        "second time in that process (first-call costs paid; what a batch of scans or a running server sees). "
+        "Peak RSS is the whole process's.",
         "",
-        "| case | scheme | end to end s | model s | speed-up vs (a), model | glance s (% of (a) model) "
-        "| windows focused | peak RSS GB | lesion DSC |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| case | scheme | end to end s | model s | speed-up vs (a), model | model s, warm | speed-up, warm "
+        "| glance s (% of (a) model) | windows focused | peak RSS GB | lesion DSC |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = {r["case"]: r["model_s"] for r in rows if r["scheme"] == "a"}
+    warm = {r["case"]: r["model_warm_s"] for r in rows if r["scheme"] == "a"}
     for r in rows:
         lines.append(
             f"| {r['case']} | {SCHEMES[r['scheme']]} | {r['end_to_end_s']:.1f} | {r['model_s']:.2f} | "
-            f"{base[r['case']] / r['model_s']:.1f}x | {r['glance_s']:.2f} ({100 * r['glance_s'] / base[r['case']]:.0f} %) | "
+            f"{base[r['case']] / r['model_s']:.1f}x | {r['model_warm_s']:.2f} | {warm[r['case']] / r['model_warm_s']:.1f}x | {r['glance_s']:.2f} ({100 * r['glance_s'] / base[r['case']]:.0f} %) | "
             f"{r['windows_focused']}/{r['windows_total']} | "
             f"{r['peak_rss_gb']:.2f} | {r['dsc']:.3f} |"
         )
@@ -228,6 +234,8 @@ def _targets(rows: list[dict], case: str = "ircadb1_1") -> list[str]:
         ("(c) glance <= 10 % of (a)'s model time", f"{100 * c['glance_s'] / a['model_s']:.1f} %", c["glance_s"] <= 0.1 * a["model_s"]),
         ("(d) oracle >= 5x faster than (a), model time", f"{a['model_s'] / d['model_s']:.1f}x", a["model_s"] >= 5 * d["model_s"]),
         ("(c) >= 4x faster than (a), model time", f"{a['model_s'] / c['model_s']:.1f}x", a["model_s"] >= 4 * c["model_s"]),
+        ("(d) oracle >= 5x faster than (a), model time, warm", f"{a['model_warm_s'] / d['model_warm_s']:.1f}x", a["model_warm_s"] >= 5 * d["model_warm_s"]),
+        ("(c) >= 4x faster than (a), model time, warm", f"{a['model_warm_s'] / c['model_warm_s']:.1f}x", a["model_warm_s"] >= 4 * c["model_warm_s"]),
         ("(c) lesion DSC within 0.02 of (a)", f"{c['dsc'] - a['dsc']:+.3f}", c["dsc"] >= a["dsc"] - 0.02),
     ]
     lines = ["", f"## Targets on {case}", "", "| target | measured | |", "|---|---|---|"]
