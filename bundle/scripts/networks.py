@@ -106,13 +106,13 @@ def window_logits(
     lo = torch.minimum((s // scale).clamp_min(0), n - 1)
     hi = torch.maximum(torch.minimum(-((-(s + torch.as_tensor(size))) // scale), n), lo + 1)
     out = logit_map.new_empty((len(s), logit_map.shape[0]))
+    margin = (logit_map[1] - logit_map[0])[None, None]  # keep-minus-discard, what "max" pooling ranks cells by
     for extent in torch.unique(hi - lo, dim=0):
         rows = (hi - lo == extent).all(1).nonzero().squeeze(1)
         k = tuple(extent.tolist())
         if window_pool == "mean":
             pooled = F.avg_pool3d(logit_map[None], k, stride=1)[0].flatten(1)
-        else:  # the cell with the largest keep-minus-discard margin, both of its logits (as pool_logits)
-            margin = (logit_map[1] - logit_map[0])[None, None]
+        else:  # the cell with the largest margin, both of its logits (as pool_logits)
             best = F.max_pool3d(margin, k, stride=1, return_indices=True)[1].flatten()
             pooled = logit_map.flatten(1)[:, best]
         shape = [d - e + 1 for d, e in zip(logit_map.shape[-3:], k)]
