@@ -214,7 +214,9 @@ def test_shipped_weights_match_network_def():
     """The shipped models/model.pt loads strictly into inference.json's network (what screen/demo and MONAI Label
     load); a network change without retrained weights breaks every screening run."""
     net = _parser("inference.json").get_parsed_content("network_def")
-    state = torch.load(BUNDLE_ROOT / "models" / "model.pt", map_location="cpu", weights_only=True)
+    # stored as CPU tensors, so that any consumer loads it on a machine without a GPU (no map_location needed)
+    state = torch.load(BUNDLE_ROOT / "models" / "model.pt", weights_only=True)
+    assert {v.device.type for v in state.values()} == {"cpu"}
     missing, unexpected = set(net.state_dict()) - set(state), set(state) - set(net.state_dict())
     assert not missing and not unexpected, (
         f"models/model.pt does not match inference.json's network_def: {len(missing)} missing keys "

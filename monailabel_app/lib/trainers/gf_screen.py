@@ -66,6 +66,13 @@ class GFScreenTrain(BundleTrainTask):
         logger.info(f"{len(cases) - n_val} training and {n_val} validation cases")
         return cases[n_val:], cases[:n_val]
 
+    def _load_checkpoint(self, model_pytorch: str, pretrained: bool, train_handlers: list[dict]) -> None:
+        super()._load_checkpoint(model_pytorch, pretrained, train_handlers)
+        # MONAI Label's loader has no map_location: weights saved on a GPU would not load on a CPU-only server
+        for handler in train_handlers:
+            if handler.get("_target_") == "CheckpointLoader":
+                handler.setdefault("map_location", f"@{self.const.key_device()}")
+
     def _update_overrides(self, overrides: dict[str, Any]) -> dict[str, Any]:
         overrides["resume"] = False
         # periodic checkpoints go beside the TensorBoard logs: models/ keeps only the weights the infer task serves
