@@ -234,3 +234,41 @@ def test_pool_logits_mean_and_max_by_hand():
     assert pool_logits(cells, "max").tolist() == [0.0, 6.0]  # the second cell's (discard, keep) logits
     with pytest.raises(ValueError, match="window_pool"):
         GlanceNet(2, window_pool="median")
+
+
+def test_load_focus_takes_only_the_focus(tmp_path):
+    from scripts.networks import load_focus
+
+    parser = _parser("train.json")
+    source = parser.get_parsed_content("network_def", instantiate=True)
+    for p in source.parameters():
+        torch.nn.init.normal_(p)
+    ckpt = tmp_path / "model.pt"
+    torch.save(source.state_dict(), ckpt)
+
+    target = _parser("train.json").get_parsed_content("network_def")
+    glance_before = {k: v.clone() for k, v in target.glance.state_dict().items()}
+    assert load_focus(target, str(ckpt)) is target
+    for key, value in target.focus.state_dict().items():
+        torch.testing.assert_close(value, source.focus.state_dict()[key])
+    for key, value in target.glance.state_dict().items():
+        torch.testing.assert_close(value, glance_before[key])
+
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="no Focus weights"):
+        load_focus(target, str(tmp_path / "other.pt"))
+
+
+def test_train_json_pretrained_focus_initialises_the_focus_before_training(tmp_path):
+    parser = _parser("train.json")
+    assert parser["pretrained_focus"] is None and parser.get_parsed_content("run#0") is None
+    source = _parser("train.json").get_parsed_content("network_def")
+    for p in source.focus.parameters():
+        torch.nn.init.constant_(p, 0.25)
+    torch.save(source.state_dict(), tmp_path / "model.pt")
+    parser = _parser("train.json")
+    parser["pretrained_focus"] = str(tmp_path / "model.pt")
+    parser.get_parsed_content("run#0")  # the first step of `training`, before the checkpoint and resume steps
+    network = parser.get_parsed_content("network")
+    assert all(torch.all(p == 0.25) for p in network.focus.parameters())
+    assert not all(torch.all(p == 0.25) for p in network.glance.parameters())

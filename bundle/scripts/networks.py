@@ -140,6 +140,18 @@ class GlanceFocusNet(nn.Module):
         return self.focus(x)
 
 
+def load_focus(network: nn.Module, path: str) -> nn.Module:
+    """Initialise the Focus of ``network`` (a :class:`GlanceFocusNet`, possibly DDP-wrapped) from the Focus of a
+    ``model.pt``, leaving the Glance as it is: GRPO then rewards the Glance with a Focus that already segments,
+    instead of one that misses every lesion early in training (where the reward says nothing)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    focus = {k.removeprefix("focus."): v for k, v in state.items() if k.startswith("focus.")}
+    if not focus:
+        raise ValueError(f"{path} holds no Focus weights (no 'focus.*' keys): not a GF-Screen model.pt.")
+    unwrap(network).focus.load_state_dict(focus)
+    return network
+
+
 def unwrap(network: nn.Module) -> nn.Module:
     """The module inside a DistributedDataParallel / DataParallel wrapper (or the module itself)."""
     return getattr(network, "module", network)
