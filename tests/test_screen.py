@@ -10,7 +10,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from scipy import ndimage
 import pydicom
 import pytest
 import torch
@@ -18,6 +17,7 @@ from monai.bundle import ConfigParser
 from monai.inferers import sliding_window_inference
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from scipy import ndimage
 
 import scripts.screen as screen_module
 from scripts.phantom import make_phantom
