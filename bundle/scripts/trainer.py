@@ -147,7 +147,6 @@ class GRPOTrainer(SupervisedTrainer):
             "kl": kl,
         }
 
-
     def current_rl_weight(self) -> float:
         """``rl_weight``, or 0 during the first ``rl_warmup_epochs`` epochs."""
         return self.rl_weight if self.state.epoch > self.rl_warmup_epochs else 0.0
