@@ -397,7 +397,7 @@ def test_paper_override_builds_the_authors_networks():
     with torch.no_grad():
         assert net.eval()(torch.zeros(1, 2, 96, 96, 64), glance=True).shape == (1, 2)
     # the authors' training settings; a per-window ResNet glance reads the bare window, as at inference
-    assert parser.get_parsed_content("crop_size") == [96, 96, 64]
+    assert parser["glance_context"] == [0, 0, 0]
     assert parser["train#trainer#alpha"] == 0.1 and parser["glance_learning_rate"] == parser["learning_rate"] == 0.0003
     assert parser["rl_warmup_epochs"] == 0
 

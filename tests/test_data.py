@@ -11,10 +11,10 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
-from monai.transforms import Compose
+from monai.transforms import Compose, FgBgToIndicesd
 
 from scripts.data import DataError, check_case, load_datalist
-from scripts.transforms import CheckGeometryd, EnsureLabeld, HUWindowsd, LoadCTd
+from scripts.transforms import CheckGeometryd, EnsureLabeld, HUWindowsd, LoadCTd, RandWindowCropd
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1] / "bundle"
 AFFINE = np.diag([1.5, 1.5, 3.0, 1.0])
@@ -225,3 +225,47 @@ def test_bundle_training_transforms_on_bad_cases(cases):
     out = pre({"image": cases["healthy"]})
     assert out["label"].shape[1:] == out["image"].shape[1:] and int(out["label"].sum()) == 0
     assert out["image"].shape[0] == len(parser["hu_windows"])
+
+
+def _window_crops(label: torch.Tensor, seed: int, **kwargs) -> list[dict]:
+    image = torch.arange(label.numel(), dtype=torch.float32).view(label.shape) + 1  # every voxel distinct, none 0
+    data = FgBgToIndicesd("label")({"image": image, "label": label})
+    crop = RandWindowCropd(["image", "label"], roi_size=(8, 8, 4), context=(4, 4, 4), num_samples=32, **kwargs)
+    crop.set_random_state(seed)
+    return crop(data)
+
+
+def test_rand_window_crop_puts_the_lesion_in_the_window_even_at_the_volume_edge():
+    """Positive windows hold a lesion voxel wherever the lesion lies: here one voxel at the last slice of a volume
+    barely deeper than a crop (MONAI's RandCropByPosNegLabeld shifts such a crop inward, out of its window)."""
+    label = torch.zeros(1, 20, 20, 12)
+    label[0, 2, 17, 11] = 1
+    for sample in _window_crops(label, seed=0, pos=1, neg=0):
+        assert sample["image"].shape == sample["label"].shape == (1, 16, 16, 12)
+        assert int(sample["label"][:, 4:12, 4:12, 4:8].sum()) == 1  # the lesion voxel, in the centre window
+        assert "label_fg_indices" not in sample and "label_bg_indices" not in sample
+
+
+def test_rand_window_crop_places_windows_like_the_inference_grid_and_zero_pads_the_context():
+    """The window lies inside the volume (as sliding-window windows do); the context beyond it is zero; the
+    crop's voxels are the volume's own; a lesion-free scan gives background windows; pos:neg sets the ratio."""
+    label = torch.zeros(1, 20, 20, 12)
+    label[0, 10:12, 10:12, 5:7] = 1
+    image = torch.arange(label.numel(), dtype=torch.float32).view(label.shape) + 1
+    samples = _window_crops(label, seed=1, pos=1, neg=1)
+    positives = 0
+    for sample in samples:
+        window, crop = sample["image"][:, 4:12, 4:12, 4:8], sample["image"]
+        assert bool((window > 0).all())  # no padding inside the window: it lies inside the volume
+        first = int(window[0, 0, 0, 0]) - 1
+        x, y, z = np.unravel_index(first, (20, 20, 12))
+        np.testing.assert_array_equal(window.numpy(), image[:, x : x + 8, y : y + 8, z : z + 4].numpy())
+        # the crop is the window's neighbourhood with zeros exactly where it leaves the volume
+        expected = torch.nn.functional.pad(image, (4, 4, 4, 4, 4, 4))[:, x : x + 16, y : y + 16, z : z + 12]
+        np.testing.assert_array_equal(crop.numpy(), expected.numpy())
+        positives += int(sample["label"][:, 4:12, 4:12, 4:8].sum() > 0)
+    assert 8 <= positives <= 24  # about half of 32, and certainly not all or none
+    healthy = _window_crops(torch.zeros(1, 20, 20, 12), seed=2)
+    assert len(healthy) == 32 and all(int(s["label"].sum()) == 0 for s in healthy)
+    with pytest.raises(ValueError, match="num_samples"):
+        RandWindowCropd(["image"], roi_size=(8, 8, 4), context=(0, 0, 0), num_samples=4, pos=0, neg=0)
