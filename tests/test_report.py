@@ -120,3 +120,25 @@ def test_render_overview_png(tmp_path, with_lesion, with_heat):
 def test_render_overview_rejects_mismatched_shapes(tmp_path):
     with pytest.raises(ValueError):
         render_overview(np.zeros((4, 4, 4)), np.zeros((4, 4, 3)), None, np.eye(4), tmp_path / "x.png")
+
+
+def test_overview_draws_the_saved_mask_on_the_model_grid(tmp_path, monkeypatch):
+    """The report handler's PNG shows the mask that was saved (input grid, small components already dropped),
+    resampled to the model grid of the image and heat map, not a separate model-grid prediction."""
+    import torch
+    from monai.data import MetaTensor
+
+    import scripts.report
+    from scripts.handlers import ScreeningReportHandler
+
+    drawn = {}
+    monkeypatch.setattr(scripts.report, "render_overview", lambda hu, mask, *a, **k: drawn.update(hu=hu, mask=mask))
+    image = MetaTensor(torch.zeros(2, 20, 20, 10), affine=torch.diag(torch.tensor([1.5, 1.5, 3.0, 1.0])))
+    saved = torch.zeros(1, 40, 40, 30)  # the input grid: 0.75 x 0.75 x 1 mm
+    saved[0, 8:16, 8:16, 6:15] = 1  # 6-12 mm, 6-12 mm, 6-15 mm
+    pred = MetaTensor(saved, affine=torch.diag(torch.tensor([0.75, 0.75, 1.0, 1.0])))
+    ScreeningReportHandler(str(tmp_path), threshold=0.5)._render({"image": image, "pred": pred, "windows": []}, "c", {
+        "verdict": "suspicious", "score": 1.0, "windows": {"kept": 0, "total": 0}})
+    assert drawn["mask"].shape == drawn["hu"].shape == (20, 20, 10)
+    assert set(map(tuple, np.argwhere(drawn["mask"])[:, :2])) == {(x, y) for x in range(4, 8) for y in range(4, 8)}
+    assert set(np.argwhere(drawn["mask"])[:, 2]) == {2, 3, 4}

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
+from monai.transforms import ResampleToMatch
 from monai.utils import convert_to_numpy
 
 from . import metrics, report
@@ -21,8 +22,8 @@ class ScreeningReportHandler:
     ``<case>_report.json`` and ``<case>_overview.png`` into ``output_dir``.
 
     Expects per-scan outputs (after postprocessing) with ``pred`` (lesion mask in the input's geometry),
-    ``prob`` (lesion probability, same grid), ``pred_model`` (mask on the model's RAS grid), ``image`` (the model
-    input; channel 0 is the soft-tissue window) and ``windows`` (the glance records). Timings: ``load`` (reading
+    ``prob`` (lesion probability, same grid), ``image`` (the model input; channel 0 is the soft-tissue window) and
+    ``windows`` (the glance records). Timings: ``load`` (reading
     and preprocessing), ``glance`` and ``focus`` (model time), ``postprocess_save`` (inversion to the input grid
     and writing the mask), ``report`` (JSON + PNG) and ``total``, all wall-clock seconds for the batch.
     """
@@ -93,8 +94,10 @@ class ScreeningReportHandler:
         hu = convert_to_numpy(image[0]) * (hi - lo) + lo
         heat = report.glance_heatmap(hu.shape, item["windows"])
         title = f"{case}: {rep['verdict']} (score {rep['score']:.2f}, kept {rep['windows']['kept']}/{rep['windows']['total']} windows)"
+        # the saved mask, brought to the model grid the heat map lives on: the picture shows what the report lists
+        mask = ResampleToMatch(mode="nearest")(item["pred"], img_dst=image)
         report.render_overview(
-            hu, convert_to_numpy(item["pred_model"][0]) > 0, heat, convert_to_numpy(image.affine), self.output_dir / f"{case}_overview.png", title
+            hu, convert_to_numpy(mask[0]) > 0, heat, convert_to_numpy(image.affine), self.output_dir / f"{case}_overview.png", title
         )
 
 
