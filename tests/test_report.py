@@ -7,8 +7,12 @@ import math
 
 import numpy as np
 import pytest
+import torch
+from monai.data import MetaTensor
 from PIL import Image
 
+import scripts.report
+from scripts.handlers import ScreeningReportHandler
 from scripts.report import build_report, glance_heatmap, lesion_components, render_overview, save_report
 
 # 2 x 2 x 3 mm voxels (12 mm^3) with a non-zero origin.
@@ -125,12 +129,6 @@ def test_render_overview_rejects_mismatched_shapes(tmp_path):
 def test_overview_draws_the_saved_mask_on_the_model_grid(tmp_path, monkeypatch):
     """The report handler's PNG shows the mask that was saved (input grid, small components already dropped),
     resampled to the model grid of the image and heat map, not a separate model-grid prediction."""
-    import torch
-    from monai.data import MetaTensor
-
-    import scripts.report
-    from scripts.handlers import ScreeningReportHandler
-
     drawn = {}
     monkeypatch.setattr(scripts.report, "render_overview", lambda hu, mask, *a, **k: drawn.update(hu=hu, mask=mask))
     image = MetaTensor(torch.zeros(2, 20, 20, 10), affine=torch.diag(torch.tensor([1.5, 1.5, 3.0, 1.0])))

@@ -23,9 +23,9 @@ class ScreeningReportHandler:
 
     Expects per-scan outputs (after postprocessing) with ``pred`` (lesion mask in the input's geometry),
     ``prob`` (lesion probability, same grid), ``image`` (the model input; channel 0 is the soft-tissue window) and
-    ``windows`` (the glance records). Timings: ``load`` (reading
-    and preprocessing), ``glance`` and ``focus`` (model time), ``postprocess_save`` (inversion to the input grid
-    and writing the mask), ``report`` (JSON + PNG) and ``total``, all wall-clock seconds for the batch.
+    ``windows`` (the glance records). Timings: ``load`` (reading and preprocessing), ``glance`` and ``focus`` (model
+    time), ``postprocess_save`` (inversion to the input grid and writing the mask), ``report`` (JSON + PNG) and
+    ``total``, all wall-clock seconds for the batch.
     """
 
     def __init__(
