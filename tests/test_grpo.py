@@ -45,6 +45,19 @@ def test_clipped_surrogate(p, p_ref, a, expected):
     assert out.item() == pytest.approx(expected, abs=1e-6)
 
 
+@pytest.mark.parametrize(
+    "p, p_ref, a, expected",
+    # ratio 9 is bounded to 5: min(5 * -2, 1.1 * -2) = -10 (unbounded: -18); ratio 0.002 -> 0.01: min(0.02, 1.8)
+    [(0.9, 0.1, -2.0, -10.0), (0.001, 0.5, 2.0, 0.02)],
+)
+def test_clipped_surrogate_bounds_the_ratio(p, p_ref, a, expected):
+    log_p = torch.tensor([math.log(p)], requires_grad=True)
+    out = grpo.clipped_surrogate(log_p, torch.tensor([math.log(p_ref)]), torch.tensor([a]), 0.1)
+    assert out.item() == pytest.approx(expected, abs=1e-6)
+    out.backward()
+    assert log_p.grad.item() == 0.0  # outside the bounds the policy gets no push further out
+
+
 def test_k3_kl():
     # G_ref/G = 0.5/0.6: 0.8333333 - ln(0.8333333) - 1 = 0.0156549
     kl = grpo.k3_kl(torch.tensor([math.log(0.6)]), torch.tensor([math.log(0.5)]))

@@ -73,9 +73,15 @@ def action_log_prob(glance_logits: torch.Tensor, actions: torch.Tensor) -> torch
     return glance_logits.float().log_softmax(-1).gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
 
 
+#: Bounds of ŝ1 = G/G_ref (the authors' code uses the same). G_ref is refreshed only every K epochs, so an action it
+#: found unlikely can reach ŝ1 >> 1; with A < 0 the min() then keeps ŝ1·A, unbounded: a run without this bound
+#: diverged at epoch 140 (policy loss 112, glance logits ~100, nothing kept afterwards).
+RATIO_RANGE = (0.01, 5.0)
+
+
 def clipped_surrogate(log_p: torch.Tensor, log_p_ref: torch.Tensor, advantage: torch.Tensor, eps: float) -> torch.Tensor:
-    """min(ŝ1·A, ŝ2·A) with ŝ1 = G/G_ref and ŝ2 = clip(ŝ1, 1-eps, 1+eps), per window."""
-    ratio = (log_p - log_p_ref).exp()
+    """min(ŝ1·A, ŝ2·A) with ŝ1 = G/G_ref bounded to ``RATIO_RANGE`` and ŝ2 = clip(ŝ1, 1-eps, 1+eps), per window."""
+    ratio = (log_p - log_p_ref).exp().clamp(*RATIO_RANGE)
     return torch.minimum(ratio * advantage, ratio.clamp(1 - eps, 1 + eps) * advantage)
 
 
