@@ -85,13 +85,22 @@ def test_window_logits_of_many_windows_equal_pooling_each_window_cells(window_po
         torch.testing.assert_close(row, pool_logits(cells, window_pool))
 
 
-def test_glance_receptive_field_and_the_context_that_makes_crop_scores_equal_map_scores():
-    """Receptive field by hand (downsample 2; units of strides 2, 2, 1 with one 3x3x3 conv each):
-    2 + 2*2 = 6, + 2*4 = 14, + 2*8 = 30 voxels; two convs per unit: 70. With the required context a crop's
-    window logits equal the same window's logits read from the map of a larger volume."""
+@pytest.mark.parametrize(
+    "design, receptive_field",
+    [
+        # 2x pooling, then units of strides 2, 2, 1 with one 3x3x3 conv each: 2 + 2*2 = 6, + 2*4 = 14, + 2*8 = 30
+        ({"downsample": 2, "channels": (4, 8, 8), "strides": (2, 2, 1)}, 30),
+        # full resolution, strides 2, 2, 2, 1: 1 + 2*1 = 3, + 2*2 = 7, + 2*4 = 15, + 2*8 = 31
+        ({"downsample": 1, "channels": (2, 4, 8, 8), "strides": (2, 2, 2, 1)}, 31),
+    ],
+)
+def test_glance_receptive_field_and_the_context_that_makes_crop_scores_equal_map_scores(design, receptive_field):
+    """Receptive field by hand (two convs per unit in the pooled design: 70); both designs need 16 voxels of
+    context (ceil((rf - 8) / 2 / 8) * 8). With it a crop's window logits equal the same window's logits read from
+    the map of a larger volume."""
     assert GlanceNet(1, subunits=2).receptive_field == 70
-    net = GlanceNet(1, channels=(4, 8, 8), subunits=1, context=(16, 16, 16)).eval()
-    assert net.receptive_field == 30 and net.required_context() == 16  # ceil((30 - 8) / 2 / 8) * 8
+    net = GlanceNet(1, subunits=1, context=(16, 16, 16), **design).eval()
+    assert net.scale == 8 and net.receptive_field == receptive_field and net.required_context() == 16
     torch.manual_seed(0)
     volume = torch.rand(1, 1, 128, 128, 96)
     corner = (40, 32, 40)  # window of 32x32x16 voxels, on the cell grid

@@ -14,7 +14,8 @@ KEEP = 1  # index of the "keep" logit; 0 is "discard"
 
 
 class GlanceNet(nn.Module):
-    """Fully convolutional window classifier (keep / discard) on a low-resolution copy of the window.
+    """Fully convolutional window classifier (keep / discard): a few strided residual units, optionally after
+    average pooling (``downsample``; pooling first is cheaper but blurs lesions of a few voxels away).
 
     A per-window classifier pays its full cost for every window, and windows overlap: the authors' glance
     (ResNet18 at full resolution, overlap 0.75) costs more than the Focus pass it is meant to save. Here the
