@@ -55,7 +55,7 @@ def test_clipped_surrogate_bounds_the_ratio(p, p_ref, a, expected):
     out = grpo.clipped_surrogate(log_p, torch.tensor([math.log(p_ref)]), torch.tensor([a]), 0.1)
     assert out.item() == pytest.approx(expected, abs=1e-6)
     out.backward()
-    assert log_p.grad.item() == 0.0  # outside the bounds the policy gets no push further out
+    assert log_p.grad.item() == 0.0  # outside the bounds the surrogate gives no gradient
 
 
 def test_k3_kl():
