@@ -7,9 +7,14 @@ OUT ?= output/demo
 
 .PHONY: setup system-deps demo test test-all bench pack clean
 
+# The environment takes about 8.3 GB (MONAI Label needs torchvision, whose wheel brings a CUDA build of torch):
+# check the disk first so that a full one fails with this message, not half-way through pip.
+NEED_GB := 9
 $(VENV)/.installed: requirements.lock
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); [ "$$free" -ge $(NEED_GB) ] || \
+	  { echo "make setup: $(NEED_GB) GB of free disk needed for $(VENV), $$free GB free in $$(pwd)" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --no-deps -r requirements.lock
+	$(PY) -m pip install --quiet --no-cache-dir --no-deps -r requirements.lock
 	touch $@
 
 setup: $(VENV)/.installed
