@@ -311,6 +311,24 @@ def test_killed_training_resumes(tmp_path, small_dataset):
     _assert_model_loads(models / "model.pt", bundle)
 
 
+def test_training_is_reproducible(tmp_path, small_dataset):
+    """The model card's promise that its command reproduces the weights: two runs of the same command (same seed,
+    GRPO switched on after one epoch so that sampled actions are part of it) end with identical weights."""
+    args = ["--dataset_dir", str(small_dataset), *FAST, "--rl_warmup_epochs", "1", "--train#trainer#max_epochs", "3"]
+    weights = []
+    for run in ("first", "second"):
+        bundle = _copy_bundle(tmp_path / run)
+        proc, _ = _bundle_run(bundle, "training", _configs(TRAIN, PHANTOMS), *args)
+        assert proc.returncode == 0, _fail(proc)
+        ckpt = bundle / "models" / "checkpoint_epoch=3.pt"
+        state = _trainer_state(ckpt)
+        assert state["iteration"] == 3 * state["epoch_length"] > 0
+        weights.append(torch.load(ckpt, map_location="cpu", weights_only=False)["model"])
+    assert weights[0].keys() == weights[1].keys()
+    differing = [k for k in weights[0] if not torch.equal(weights[0][k], weights[1][k])]
+    assert not differing, f"same command, different weights: {differing[:5]}"
+
+
 # --- DDP on CPU --------------------------------------------------------------------------------------------------
 
 # Printed by every rank at the end (the finalize step of multi_gpu_train.json, plus this probe): what it trained on.
