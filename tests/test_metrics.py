@@ -254,3 +254,54 @@ def test_screening_threshold_by_hand():
     # 60 % needs 2 (ceil 1.8): threshold .8 discards every lesion-free window and keeps 2/8
     assert screening_threshold(scores, 0.6) == pytest.approx({"threshold": 0.8, "sensitivity": 2 / 3, "specificity": 1.0, "kept_fraction": 0.25})
     assert math.isnan(screening_threshold([[0.5, False]])["threshold"])
+
+
+def _window(start, size, kept):
+    return {"start": list(start), "size": list(size), "prob": 0.9 if kept else 0.1, "kept": kept}
+
+
+def test_lesion_reach_through_kept_windows():
+    from scripts.metrics import lesion_reach
+
+    def reached(windows):
+        return [r["reached"] for r in lesion_reach(gt, windows)]
+
+    gt = cube(lo=(1, 1, 1), size=(2, 2, 2)) | cube(lo=(5, 5, 5), size=(5, 5, 5))  # lesion A, then lesion B
+    over_a, over_b = _window((0, 0, 0), (4, 4, 4), True), _window((5, 5, 5), (5, 5, 5), False)
+    assert lesion_reach(gt, [over_a, over_b]) == [{"reached": True, "window_prob": 0.9}, {"reached": False, "window_prob": 0.1}]
+    # a kept window that holds one voxel of B (5, 5, 5) at its far corner reaches B; one that stops short does not
+    assert reached([over_a, over_b, _window((4, 4, 4), (2, 2, 2), True)]) == [True, True]
+    assert reached([over_a, over_b, _window((3, 3, 3), (2, 2, 2), True)]) == [True, False]
+    # a window starting before the volume (negative corner) is clipped, not wrapped round
+    assert reached([_window((-2, -2, -2), (3, 3, 3), True)]) == [False, False]
+    assert reached([_window((-2, -2, -2), (4, 4, 4), True)]) == [True, False]
+    # window_prob: the highest p(keep) over the windows touching the lesion, kept or not
+    touching_b = [over_b, {**_window((4, 4, 4), (2, 2, 2), False), "prob": 0.4}, {**_window((0, 0, 0), (9, 9, 9), False), "prob": 0.3}]
+    assert [r["window_prob"] for r in lesion_reach(gt, touching_b)] == [0.3, 0.4]
+    assert lesion_reach(EMPTY, [over_a]) == []
+
+
+def test_lesion_reach_in_case_records_and_summary():
+    from scripts.metrics import evaluate_case, summarise_cases
+
+    gt = cube(lo=(1, 1, 1), size=(2, 2, 2)) | cube(lo=(5, 5, 5), size=(5, 5, 5))  # 8 and 125 voxels
+    windows = [{**_window((0, 0, 0), (4, 4, 4), True), "has_lesion": True},
+               {**_window((5, 5, 5), (5, 5, 5), False), "has_lesion": True},
+               {**_window((0, 5, 0), (4, 4, 4), False), "prob": 0.05, "has_lesion": False},
+               {**_window((5, 0, 0), (4, 4, 4), False), "prob": 0.2, "has_lesion": False}]
+    record = evaluate_case(EMPTY, gt, (5.0, 5.0, 5.0), windows)  # 0.125 mL voxels: A 1 mL, B 15.6 mL
+    assert [(r["volume_ml"], r["reached"], r["window_prob"], r["detected"]) for r in record["lesions"]] == [
+        (1.0, True, 0.9, False), (15.625, False, 0.1, False)]
+    summary = summarise_cases([record, evaluate_case(EMPTY, EMPTY, (5.0, 5.0, 5.0), [windows[2]])])
+    reach = summary["glance_lesion_reach_by_size_ml"]
+    assert reach["1-5"] == {"recall": 1.0, "detected": 1, "total": 1}
+    assert reach["5-inf"] == {"recall": 0.0, "detected": 0, "total": 1}
+    assert reach["0-1"]["total"] == 0 and math.isnan(reach["0-1"]["recall"])
+    assert summary["glance_sensitivity"] == 0.5
+    # lesion-free window probs .05, .2, .05: discarding 60 % needs p >= .2 (the 0.6 quantile, 'higher'), which lets
+    # lesion A (.9) through and not B (.1)
+    assert summary["glance_roc"]["threshold"] == 0.2
+    assert summary["glance_roc"]["lesion_reach"] == 0.5
+    # without window records there is nothing to reach: no key, no made-up number
+    assert "reached" not in evaluate_case(EMPTY, gt, (5.0, 5.0, 5.0))["lesions"][0]
+    assert "glance_roc" not in summarise_cases([evaluate_case(EMPTY, gt, (5.0, 5.0, 5.0))])

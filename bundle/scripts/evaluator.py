@@ -9,6 +9,7 @@ from monai.engines import SupervisedEvaluator
 from monai.utils import CommonKeys as Keys
 
 from .inferer import GlanceFocusInferer
+from .metrics import window_slices
 
 
 class ScreeningEvaluator(SupervisedEvaluator):
@@ -31,8 +32,3 @@ class ScreeningEvaluator(SupervisedEvaluator):
                 windows = [{**w, "has_lesion": bool(labels[b][(slice(None), *window_slices(w))].gt(0).any())} for w in windows]
             item["windows"] = windows
         return outputs
-
-
-def window_slices(w: dict) -> tuple[slice, ...]:
-    """The voxel slices a window record covers (clipped at 0; slicing clips the far end)."""
-    return tuple(slice(max(s, 0), s + n) for s, n in zip(w["start"], w["size"]))
