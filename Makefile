@@ -7,7 +7,7 @@ OUT ?= output/demo
 
 .PHONY: setup system-deps demo test test-all bench pack clean
 
-# The environment takes about 8.3 GB (MONAI Label needs torchvision, whose wheel brings a CUDA build of torch):
+# The environment takes about 8.2 GB (MONAI Label needs torchvision, whose wheel brings a CUDA build of torch):
 # check the disk first so that a full one fails with this message, not half-way through pip.
 NEED_GB := 9
 $(VENV)/.installed: requirements.lock
