@@ -1,6 +1,8 @@
 """The GRPO ablation's Markdown report, from screening summaries (the training itself is covered elsewhere)."""
 
-from scripts.ablation import _write_report
+import pytest
+
+from scripts.ablation import _write_report, ablation
 from scripts.metrics import evaluate_case, summarise_cases
 
 from test_metrics import EMPTY, _window, cube
@@ -26,4 +28,13 @@ def test_report_rows_count_lesions_reached_and_found(tmp_path):
     assert cells["lesions reached at 60 % discarded"] == "1.000"
     assert cells["lesions found"] == "1/2"
     assert cells["training min"] == "1.2"  # 1.25 rounds half to even
-    assert "--seed 4" in report.read_text()
+    assert f"--seed 4 --report {report}`" in report.read_text()
+
+
+def test_existing_report_is_refused_before_training(tmp_path):
+    report = tmp_path / "grpo_ablation.md"
+    report.write_text("hand-written findings\n")
+    with pytest.raises(FileExistsError, match="nothing was trained"):
+        ablation(out_dir=str(tmp_path / "out"), report=str(report))
+    assert report.read_text() == "hand-written findings\n"
+    assert not (tmp_path / "out").exists()  # no phantoms made, no arm trained

@@ -1,7 +1,8 @@
 """Does GRPO teach the Glance? Train the bundle on synthetic phantoms twice, GRPO + balanced CE (the default)
 and balanced CE alone (the poster's ablation), then score both Glances on held-out phantoms.
 
-Run from the bundle folder: ``python -m scripts.ablation --out_dir ../output/ablation --report ../docs/grpo_ablation.md``.
+Run from the bundle folder: ``python -m scripts.ablation --out_dir ../output/ablation --report ../output/ablation/report.md``;
+the report is a new Markdown file (an existing one is never overwritten) to paste into ``docs/grpo_ablation.md``.
 """
 
 from __future__ import annotations
@@ -46,7 +47,14 @@ def ablation(
 ) -> dict:
     """Train (unless ``train`` is False: re-score trained arms) and evaluate each arm; write ``summary.json`` in
     ``out_dir`` and, if given, a Markdown ``report``.
-    ``overrides`` (config id -> value) apply to both arms, e.g. ``{"glance_def#window_pool": "max"}``."""
+    ``overrides`` (config id -> value) apply to both arms, e.g. ``{"glance_def#window_pool": "max"}``.
+
+    Raises:
+        FileExistsError: ``report`` exists (checked before any training, so that a long run cannot end by
+            overwriting a document).
+    """
+    if report and Path(report).exists():
+        raise FileExistsError(f"report {report} exists: give a new path (nothing was trained or overwritten).")
     out = Path(out_dir).resolve()
     data = out / "phantoms"
     if not (data / "dataset.json").exists():
@@ -77,7 +85,7 @@ def _write_report(path: Path, results: dict, num_cases: int, epochs: int, seed: 
         "# GRPO ablation on synthetic phantoms",
         "",
         f"Command (from `bundle/`): `python -m scripts.ablation --num_cases {num_cases} --epochs {epochs} --seed {seed} "
-        f"--report ../docs/grpo_ablation.md" + (f" --overrides '{json.dumps(overrides)}'" if overrides else "") + "`.",
+        f"--report {path}" + (f" --overrides '{json.dumps(overrides)}'" if overrides else "") + "`.",
         f"Data: {num_cases} phantoms from `scripts/phantom.py` (seed {seed}; 70 % training, 30 % validation, a quarter "
         "lesion-free). Both arms use `configs/train.json` unchanged except `rl_weight` (0 for CE alone), "
         f"{epochs} epochs, the same seed. Scored on the validation phantoms with `configs/evaluate.json` "
@@ -98,6 +106,7 @@ def _write_report(path: Path, results: dict, num_cases: int, epochs: int, seed: 
         "window kept at that threshold (the Focus sees them). Target for GRPO + CE: >= 0.95 sensitivity with "
         ">= 0.60 of lesion-free windows discarded.",
     ]
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 
 
