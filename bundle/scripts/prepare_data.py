@@ -4,14 +4,18 @@ The CTs are resampled once to the bundle's grid (RAS, ``pixdim``) and cropped to
 folder is small enough to copy to a GPU machine; nothing here is ever committed (the licences forbid it).
 Run from the bundle folder: ``python -m scripts.prepare_data --out_dir ../output/realct_train``.
 
-Split (fixed, documented in docs/README.md): validation = ircadb1_1 (abdomen, liver tumours),
-pyradiomics_lung1 (chest, 1.4 mL nodule), sts_012 (extremity sarcoma) and held-out phantoms; everything else
-with a lesion mask trains. totalseg_example (not proven healthy) and crlm_1004 (no mask) are left out.
+Split (fixed, documented in docs/README.md): validation = ircadb1_1 (abdomen, 7 liver tumours),
+pyradiomics_lung1 (chest, 1.4 mL nodule), sts_012 (extremity sarcoma) and held-out phantoms, the cases 0.4.0 was
+validated on, so the two weights compare on the same scans; everything else with a lesion mask trains, the liver
+cases ircadb1_17 and crlm_1100 included. totalseg_example (not proven healthy) and crlm_1004 (no mask) are left
+out. Where the datalist gives an organ map with a "liver" label, the liver mask is written beside the case
+(``liver`` key): training implants synthetic liver lesions inside it (``scripts.transforms.RandLesionSynthesisd``).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import fire
@@ -27,14 +31,23 @@ VALIDATION = ("ircadb1_1", "pyradiomics_lung1", "sts_012")
 EXCLUDED = ("totalseg_example", "crlm_1004")
 
 
-def _resampler(pixdim: tuple[float, float, float]) -> Compose:
-    keys = ["image", "label"]
+def _resampler(pixdim: tuple[float, float, float], keys: list[str]) -> Compose:
+    """Load the image and its masks, reorient to RAS, resample to ``pixdim`` and crop to the body."""
     return Compose([
         LoadImaged(keys, ensure_channel_first=True),
         Orientationd(keys, axcodes="RAS"),
-        Spacingd(keys, pixdim=pixdim, mode=["bilinear", "nearest"]),
+        Spacingd(keys, pixdim=pixdim, mode=["bilinear"] + ["nearest"] * (len(keys) - 1)),
         CropForegroundd(keys, source_key="image", select_fn=lambda x: x > -500, margin=8, allow_smaller=True),
     ])
+
+
+def _liver_mask(organs: Path) -> np.ndarray | None:
+    """The liver of an organ label map (its ``<name>_labels.json`` maps label values to names), or None."""
+    names = json.loads(organs.with_name(organs.name.replace(".nii.gz", "_labels.json")).read_text())
+    values = [int(v) for v, name in names.items() if name.lower() == "liver"]
+    if not values:
+        return None
+    return np.isin(np.asarray(nib.load(str(organs)).dataobj), values).astype(np.uint8)
 
 
 def _save(array: np.ndarray, affine: np.ndarray, path: Path, dtype: type) -> str:
@@ -58,21 +71,32 @@ def prepare(
     tissue beside air means lesion; see the model card)."""
     src, out = Path(realct), Path(out_dir).resolve()
     cases = json.loads((src / "datalist.json").read_text())["cases"]
-    items = [(c["case"], src / c["image"], src / c["label"]) for c in cases if c.get("label") and c["case"] not in EXCLUDED]
+    items = [
+        (c["case"], src / c["image"], src / c["label"], src / c["organs"] if c.get("organs") else None)
+        for c in cases
+        if c.get("label") and c["case"] not in EXCLUDED
+    ]
     crops = sorted((src / "lidc_nodule_crops" / "image").glob("*.nii.gz"))
     rng = np.random.default_rng(seed)
     for img in rng.choice(crops, size=min(lidc_crops, len(crops)), replace=False) if crops else []:
-        items.append((img.name[: -len(".nii.gz")], img, img.parent.parent / "nodule_mask" / img.name))
-    resample = _resampler(pixdim)
+        items.append((img.name[: -len(".nii.gz")], img, img.parent.parent / "nodule_mask" / img.name, None))
     split: dict[str, list] = {"training": [], "validation": []}
-    for case, image, label in tqdm(items, desc="resampling real CT", unit="case"):
-        d = resample({"image": str(image), "label": str(label)})
+    for case, image, label, organs in tqdm(items, desc="resampling real CT", unit="case"):
+        validation = case in VALIDATION
+        liver = None if validation or organs is None else _liver_mask(organs)
+        paths = {"image": str(image), "label": str(label)}
+        if liver is not None:
+            paths["liver"] = _save(liver, nib.load(str(organs)).affine, out / "tmp" / f"{case}_liver.nii.gz", np.uint8)
+        d = _resampler(pixdim, list(paths))(paths)
         affine = np.asarray(d["image"].affine)
-        entry = {
-            "image": Path(_save(d["image"][0].numpy(), affine, out / "real" / f"{case}_ct.nii.gz", np.int16)).relative_to(out).as_posix(),
-            "label": Path(_save(d["label"][0].numpy(), affine, out / "real" / f"{case}_lesion.nii.gz", np.uint8)).relative_to(out).as_posix(),
-        }
-        split["validation" if case in VALIDATION else "training"].append(entry)
+        entry = {}
+        for key, dtype in (("image", np.int16), ("label", np.uint8), ("liver", np.uint8)):
+            if key in d:
+                name = {"image": "ct", "label": "lesion"}.get(key, key)
+                path = _save(d[key][0].numpy(), affine, out / "real" / f"{case}_{name}.nii.gz", dtype)
+                entry[key] = Path(path).relative_to(out).as_posix()
+        split["validation" if validation else "training"].append(entry)
+    shutil.rmtree(out / "tmp", ignore_errors=True)
     ph = json.loads(write_phantom_dataset(out / "phantoms", num_cases=phantoms, val_fraction=0.25, seed=seed).read_text())
     for key in split:
         split[key] += [{k: f"phantoms/{v}" for k, v in e.items()} for e in ph[key]]

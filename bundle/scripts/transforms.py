@@ -1,5 +1,5 @@
-"""Dictionary transforms GF-Screen adds to MONAI's: CT intensity windows, missing labels, input checks, and the
-training crops of windows with context."""
+"""Dictionary transforms GF-Screen adds to MONAI's: CT intensity windows, missing labels, input checks, the
+training crops of windows with context, and lesion synthesis on real anatomy."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import LoadImaged, MapTransform, MultiSampleTrait, Randomizable
+from monai.transforms import LoadImaged, MapTransform, MultiSampleTrait, Randomizable, RandomizableTransform
+from monai.utils import TransformBackends
 
 # Soft-tissue (abdomen) and wide (lung / bone) windows in HU. Feeding both as channels lets one model read chest,
 # abdomen and whole-body scans; the authors instead picked one window per dataset by hand (NOTES.md §2).
@@ -180,3 +181,185 @@ class RandWindowCropd(Randomizable, MapTransform, MultiSampleTrait):
                 sample[key] = F.pad(torch.as_tensor(d[key])[(slice(None), *box)], pad)
             samples.append(sample)
         return samples
+
+
+#: Codes of the host map written by :class:`LesionHostsd`.
+HOSTS = {"none": 0, "liver": 1, "lung": 2, "soft_tissue": 3}
+
+
+class LesionHostsd(MapTransform):
+    """Add a ``hosts`` map (``HOSTS`` codes) to a CT in HU: where each kind of synthetic lesion may be implanted.
+
+    liver: the ``liver_key`` mask where the datalist gives one (vessels and lesions of the organ map excluded);
+    lung: air (< ``lung_hu``) inside the body, in connected regions of at least ``min_lung_ml`` (more than
+    bowel gas) that do not touch the in-plane border of the field of view (the air around the patient does; the
+    lungs may leave the scan at its first or last slice); soft tissue: voxels between ``soft_hu`` outside
+    the other hosts (muscle, fat, bowel wall, solid organs). Existing lesions are never a host. Deterministic, so
+    it runs once before a cache; :class:`RandLesionSynthesisd` reads the map every epoch.
+    """
+
+    def __init__(
+        self,
+        image_key: str = "image",
+        label_key: str = "label",
+        liver_key: str = "liver",
+        hosts_key: str = "hosts",
+        pixdim: Sequence[float] = (1.5, 1.5, 3.0),
+        lung_hu: float = -400.0,
+        min_lung_ml: float = 200.0,
+        soft_hu: Sequence[float] = (-100.0, 150.0),
+    ) -> None:
+        super().__init__([image_key], allow_missing_keys=False)
+        self.image_key, self.label_key, self.liver_key, self.hosts_key = image_key, label_key, liver_key, hosts_key
+        self.voxel_ml = float(np.prod(pixdim)) / 1000.0
+        self.lung_hu, self.min_lung_ml, self.soft_hu = lung_hu, min_lung_ml, tuple(soft_hu)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        from scipy import ndimage
+
+        d = dict(data)
+        hu = np.asarray(d[self.image_key])[0]
+        lesion = np.asarray(d[self.label_key])[0] > 0 if d.get(self.label_key) is not None else np.zeros(hu.shape, bool)
+        hosts = np.zeros(hu.shape, np.uint8)
+        soft = (hu >= self.soft_hu[0]) & (hu <= self.soft_hu[1])
+        hosts[soft] = HOSTS["soft_tissue"]
+        air, n = ndimage.label(hu < self.lung_hu)
+        if n:
+            border = np.unique(np.concatenate([air[i].ravel() for i in _faces(air.ndim, axes=(0, 1))]))
+            sizes = np.bincount(air.ravel(), minlength=n + 1) * self.voxel_ml
+            keep = sizes >= self.min_lung_ml
+            keep[border] = False
+            keep[0] = False
+            hosts[keep[air]] = HOSTS["lung"]
+        if d.get(self.liver_key) is not None:
+            hosts[np.asarray(d[self.liver_key])[0] > 0] = HOSTS["liver"]
+        hosts[lesion] = HOSTS["none"]
+        d[self.hosts_key] = torch.as_tensor(hosts[None])
+        return d
+
+
+def _faces(ndim: int, axes: Sequence[int]) -> list[tuple]:
+    """Index tuples of the first and last slice along each of ``axes``."""
+    return [tuple(slice(None) if a != axis else i for a in range(ndim)) for axis in axes for i in (0, -1)]
+
+
+class RandLesionSynthesisd(RandomizableTransform, MapTransform):
+    """Implant synthetic lesions into a CT in HU and add them to its label (label-free tumour synthesis).
+
+    The recipe follows Hu et al. (CVPR 2023, "Label-free liver tumor segmentation"): an ellipsoid of random size,
+    elastically deformed; a texture of Gaussian-filtered noise; an intensity set relative to the host tissue; a
+    blurred margin blended into the CT. It is extended from the liver to what a pan-cancer screen meets, one host
+    per lesion kind (the ``hosts`` map of :class:`LesionHostsd`):
+
+    - liver: hypodense (``p_hypo``; metastasis, HCC washout) or hyperdense lesions, ``liver_shift`` HU from the
+      median of the surrounding liver;
+    - lung: solid nodules of ``nodule_hu`` absolute HU (lung parenchyma gives no useful reference);
+    - soft tissue: masses ``soft_shift`` HU from the surrounding tissue, either sign.
+
+    Diameters are drawn log-uniformly from ``diameter_mm`` (weighted toward the small lesions a screen misses).
+    With probability ``prob`` a scan receives 1 to ``max_lesions`` lesions, each in a host drawn by
+    ``host_weights`` among those present. Every changed voxel is inside its host (the margin blur too) and the
+    label gains exactly the voxels where the lesion outweighs the host (blend weight >= 0.5). Works on plain
+    arrays of an already resampled grid of ``pixdim`` mm, before intensity windowing.
+    """
+
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
+
+    def __init__(
+        self,
+        image_key: str = "image",
+        label_key: str = "label",
+        hosts_key: str = "hosts",
+        pixdim: Sequence[float] = (1.5, 1.5, 3.0),
+        prob: float = 0.5,
+        max_lesions: int = 3,
+        diameter_mm: Sequence[float] = (3.0, 30.0),
+        host_weights: Mapping[str, float] | None = None,
+        p_hypo: float = 0.7,
+        liver_shift: Sequence[float] = (20.0, 80.0),
+        nodule_hu: Sequence[float] = (-50.0, 80.0),
+        soft_shift: Sequence[float] = (15.0, 50.0),
+        texture_hu: Sequence[float] = (5.0, 20.0),
+        deform: float = 0.25,
+        margin_mm: float = 1.0,
+    ) -> None:
+        RandomizableTransform.__init__(self, prob)
+        MapTransform.__init__(self, [image_key, label_key])
+        if max_lesions < 1 or not 0 < diameter_mm[0] <= diameter_mm[1]:
+            raise ValueError(f"need max_lesions >= 1 and 0 < diameter_mm[0] <= [1]; got {max_lesions}, {diameter_mm}.")
+        weights = dict(host_weights or {"liver": 3.0, "lung": 2.0, "soft_tissue": 1.0})
+        if set(weights) - set(HOSTS) - {"none"} or any(w < 0 for w in weights.values()):
+            raise ValueError(f"host_weights takes non-negative weights for {sorted(HOSTS)[1:]}, got {weights}.")
+        self.image_key, self.label_key, self.hosts_key = image_key, label_key, hosts_key
+        self.spacing = np.asarray(pixdim, float)
+        self.max_lesions, self.diameter_mm, self.host_weights = max_lesions, tuple(diameter_mm), weights
+        self.p_hypo, self.liver_shift, self.nodule_hu = p_hypo, tuple(liver_shift), tuple(nodule_hu)
+        self.soft_shift, self.texture_hu, self.deform, self.margin_mm = tuple(soft_shift), tuple(texture_hu), deform, margin_mm
+        self.implanted: list[dict] = []
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        self.implanted = []
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        image = torch.as_tensor(d[self.image_key]).clone().float()
+        label = torch.as_tensor(d[self.label_key]).clone()
+        hosts = np.asarray(d[self.hosts_key])[0].copy()
+        for _ in range(self.R.randint(1, self.max_lesions + 1)):
+            present = [h for h, w in self.host_weights.items() if w > 0 and (hosts == HOSTS[h]).any()]
+            if not present:
+                break
+            w = np.array([self.host_weights[h] for h in present])
+            host = present[self.R.choice(len(present), p=w / w.sum())]
+            self._implant(image[0], label[0], hosts, host)
+        d[self.image_key], d[self.label_key] = image, label
+        return d
+
+    def _implant(self, hu: torch.Tensor, label: torch.Tensor, hosts: np.ndarray, host: str) -> None:
+        """Implant one lesion in place; its host voxels stop being a host so lesions never overlap."""
+        from scipy import ndimage
+
+        code = HOSTS[host]
+        candidates = np.flatnonzero(hosts == code)
+        centre = np.unravel_index(int(candidates[self.R.randint(len(candidates))]), hosts.shape)
+        lo_d, hi_d = self.diameter_mm
+        radii = 0.5 * float(np.exp(self.R.uniform(np.log(lo_d), np.log(hi_d)))) * self.R.uniform(0.75, 1.25, 3)
+        reach = np.ceil((radii * (1 + self.deform) + 2 * self.margin_mm) / self.spacing).astype(int) + 1
+        box = tuple(slice(max(c - r, 0), min(c + r + 1, n)) for c, r, n in zip(centre, reach, hosts.shape))
+        mm = np.meshgrid(*[(np.arange(b.start, b.stop) - c) * s for b, c, s in zip(box, centre, self.spacing)], indexing="ij")
+        # elastic deformation: displace the ellipsoid's coordinates by a smooth random field (Gaussian-filtered noise)
+        shape = mm[0].shape
+        sigma = np.maximum(radii.mean() / self.spacing / 2, 0.5)
+        for axis in range(3):
+            field = ndimage.gaussian_filter(self.R.standard_normal(shape), sigma, mode="nearest")
+            mm[axis] = mm[axis] + self.deform * radii[axis] * field / max(float(np.abs(field).max()), 1e-6)
+        inside = sum((m / r) ** 2 for m, r in zip(mm, radii)) <= 1.0
+        inside[tuple(c - b.start for c, b in zip(centre, box))] = True  # never empty, even below one voxel
+        in_host = hosts[box] == code
+        alpha = ndimage.gaussian_filter(inside.astype(float), self.margin_mm / self.spacing, mode="constant")
+        alpha = np.where(inside, np.maximum(alpha, 0.5), np.minimum(alpha, 0.49)) * in_host
+        region = hu[box].numpy()
+        host_hu = float(np.median(region[in_host]))
+        value = self._lesion_hu(host, host_hu)
+        texture = ndimage.gaussian_filter(self.R.standard_normal(shape), 1.0)
+        texture -= texture[inside].mean()  # the lesion's mean HU is its drawn value
+        texture *= self.R.uniform(*self.texture_hu) / max(float(texture[inside].std()), 1e-6)
+        blended = (1 - alpha) * region + alpha * (value + texture)
+        hu[box] = torch.as_tensor(blended, dtype=hu.dtype)
+        lesion = alpha >= 0.5
+        label[box] = torch.where(torch.as_tensor(lesion), torch.ones_like(label[box]), label[box])
+        hosts[box][in_host & (alpha > 0)] = HOSTS["none"]
+        self.implanted.append(
+            {"host": host, "centre": [int(c) for c in centre], "diameter_mm": float(2 * radii.mean()),
+             "hu": value, "host_hu": host_hu, "voxels": int(lesion.sum())}
+        )
+
+    def _lesion_hu(self, host: str, host_hu: float) -> float:
+        """Mean HU of a lesion in ``host`` whose surrounding tissue has median ``host_hu``."""
+        if host == "lung":
+            return float(self.R.uniform(*self.nodule_hu))
+        if host == "liver":
+            sign = -1.0 if self.R.rand() < self.p_hypo else 1.0
+            return host_hu + sign * float(self.R.uniform(*self.liver_shift))
+        return host_hu + float(self.R.choice([-1.0, 1.0])) * float(self.R.uniform(*self.soft_shift))
