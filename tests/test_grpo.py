@@ -1,4 +1,4 @@
-"""GRPO maths against values computed by hand from the poster's formulas."""
+"""GRPO maths against values computed by hand from the paper's formulas."""
 
 import math
 

@@ -18,6 +18,7 @@ from scripts.metrics import (
     flare_dsc,
     flare_nsd,
     lesion_detection,
+    volume_ratio_median,
     recall_by_size,
     scan_detection,
     scan_f1,
@@ -96,6 +97,24 @@ def test_lesion_detection_counts():
 def test_lesion_detection_empty():
     result = lesion_detection(EMPTY, EMPTY, (1, 1, 1))
     assert result == {"lesions": [], "tp_lesions": 0, "fn_lesions": 0, "fp_components": 0}
+
+
+def test_lesion_detection_measures_each_lesion_by_the_components_touching_it():
+    """A lesion's measured volume is the whole of every predicted component touching it (two fragments of one
+    lesion add up; a component over two lesions counts for each), and the median ratio covers detected ones only."""
+    gt, pred = np.zeros((12, 12, 12), bool), np.zeros((12, 12, 12), bool)
+    gt[0:2, 0:2, 0:2] = True  # 8 voxels, found by two fragments of 4 + 6 voxels
+    pred[0:1, 0:2, 0:2] = True
+    pred[1:2, 0:2, 0:1] = True
+    pred[3:4, 0:2, 0:3] = True  # not touching: false positive
+    gt[6:8, 6:8, 6:8] = True  # 8 voxels, missed
+    gt[10:12, 10:12, 10:11] = True  # 4 voxels, found by a 16-voxel component
+    pred[10:12, 10:12, 8:12] = True
+    result = lesion_detection(pred, gt, spacing=(2, 2, 3))  # 12 mm^3 = 0.012 mL per voxel
+    measured = [round(r["pred_volume_ml"] / 0.012) for r in result["lesions"]]
+    assert measured == [6, 0, 16] and result["fp_components"] == 1
+    assert volume_ratio_median(result["lesions"]) == pytest.approx((6 / 8 + 16 / 4) / 2)
+    assert math.isnan(volume_ratio_median([{"volume_ml": 1.0, "detected": False, "pred_volume_ml": 0.0}]))
 
 
 def test_recall_by_size():

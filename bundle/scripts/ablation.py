@@ -1,5 +1,5 @@
 """Does GRPO teach the Glance? Train the bundle on synthetic phantoms twice, GRPO + balanced CE (the default)
-and balanced CE alone (the poster's ablation), then score both Glances on held-out phantoms.
+and balanced CE alone (the paper's ablation), then score both Glances on held-out phantoms.
 
 Run from the bundle folder: ``python -m scripts.ablation --out_dir ../output/ablation --report ../output/ablation/report.md``;
 the report is a new Markdown file (an existing one is never overwritten) to paste into ``docs/grpo_ablation.md``.

@@ -1,6 +1,6 @@
 """Group relative policy optimisation for the Glance model, as pure functions.
 
-Notation follows the GF-Screen poster: a *group* is the N windows cropped from one CT; the Glance policy G gives
+Notation follows the GF-Screen paper: a *group* is the N windows cropped from one CT; the Glance policy G gives
 p(keep | window); the Focus segmentation of window i is s_i and its lesion mask m_i. Each function works on
 tensors shaped (B, N) (B scans, N windows each) or flat (B*N,) where noted.
 """
@@ -30,7 +30,7 @@ def focus_hits(seg: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def detection_reward(seg: torch.Tensor, mask: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """Binary reward of a sampled decision: keeping window i earns the poster's r_i = 1(s_i ∩ m_i ≠ ∅);
+    """Binary reward of a sampled decision: keeping window i earns the paper's r_i = 1(s_i ∩ m_i ≠ ∅);
     discarding it earns 1 where the window holds no lesion.
 
     The authors' code never sampled actions and pushed p(keep) up or down by the Focus outcome; with sampled
@@ -45,7 +45,7 @@ def detection_reward(seg: torch.Tensor, mask: torch.Tensor, actions: torch.Tenso
 
 
 def dice_reward(seg: torch.Tensor, mask: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """Dice reward (the poster's ablation): a kept window earns Dice(s_i, m_i) (0 on lesion-free windows, unlike
+    """Dice reward (the paper's ablation): a kept window earns Dice(s_i, m_i) (0 on lesion-free windows, unlike
     the authors' helper, which scored 1 on every empty ground truth and so rewarded false positives); a
     discarded window earns 1 where it holds no lesion, as in :func:`detection_reward`."""
     s, m = seg.gt(0).flatten(1).float(), mask.gt(0).flatten(1).float()
@@ -60,7 +60,7 @@ REWARDS = {"binary": detection_reward, "dice": dice_reward}
 def group_advantage(rewards: torch.Tensor, std_floor: float = 0.01, clamp: float = 5.0) -> torch.Tensor:
     """A_i = (r_i - mean_group r) / max(std_group r, std_floor), clamped to [-clamp, clamp].
 
-    ``rewards`` is (B, N). The std is the population std of the group (the poster's std{r_1..r_N}); the floor
+    ``rewards`` is (B, N). The std is the population std of the group (the paper's std{r_1..r_N}); the floor
     keeps a group with one differing reward from exploding, and a group of equal rewards gets A = 0.
     """
     mean = rewards.mean(-1, keepdim=True)
@@ -93,8 +93,8 @@ def k3_kl(log_p: torch.Tensor, log_p_ref: torch.Tensor) -> torch.Tensor:
 
 def balanced_ce(glance_logits: torch.Tensor, has_lesion: torch.Tensor) -> torch.Tensor:
     """Class-balanced cross-entropy CE(o_i, y_i): the mean CE over lesion windows and over lesion-free windows,
-    averaged, so the many lesion-free windows do not drown the few lesion windows (NOTES.md §1 ablation: plain CE
-    collapses to "keep nothing"). A class absent from the batch is left out."""
+    averaged, so the many lesion-free windows do not drown the few lesion windows (with plain CE over windows that
+    are mostly lesion-free, the Glance collapses to "keep nothing"). A class absent from the batch is left out."""
     ce = F.cross_entropy(glance_logits.float(), has_lesion.long(), reduction="none")
     parts = [ce[has_lesion == c].mean() for c in (False, True) if (has_lesion == c).any()]
     return torch.stack(parts).mean()

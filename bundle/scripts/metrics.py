@@ -110,7 +110,8 @@ def lesion_reach(gt: np.ndarray, windows: Sequence[Mapping[str, Any]]) -> list[d
 def lesion_detection(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -> dict[str, Any]:
     """Lesion-level detection: a ground-truth component (26-connected) is detected if the prediction touches it.
 
-    Returns ``lesions`` (per GT lesion ``{"volume_ml", "detected"}``), ``tp_lesions``, ``fn_lesions`` and
+    Returns ``lesions`` (per GT lesion ``{"volume_ml", "detected", "pred_volume_ml"}``, the last the volume of the
+    predicted components touching it: what a reader measures as that lesion), ``tp_lesions``, ``fn_lesions`` and
     ``fp_components`` (predicted components touching no GT lesion).
     """
     pred, gt = _binary_pair(pred, gt)
@@ -118,11 +119,18 @@ def lesion_detection(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float])
     gt_labels, n_gt = connected_components(gt)
     pred_labels, n_pred = connected_components(pred)
     voxels = np.bincount(gt_labels.ravel(), minlength=n_gt + 1)[1:]
+    pred_voxels = np.bincount(pred_labels.ravel(), minlength=n_pred + 1)
     detected = np.zeros(n_gt + 1, bool)
     detected[gt_labels[pred]] = True
     touching = np.zeros(n_pred + 1, bool)
     touching[pred_labels[gt]] = True
-    lesions = [{"volume_ml": float(v) * voxel_ml, "detected": bool(d)} for v, d in zip(voxels, detected[1:])]
+    pairs = np.unique(np.stack([gt_labels[pred & gt], pred_labels[pred & gt]]), axis=1)  # (gt id, pred id) overlaps
+    measured = np.zeros(n_gt + 1)
+    np.add.at(measured, pairs[0], pred_voxels[pairs[1]])
+    lesions = [
+        {"volume_ml": float(v) * voxel_ml, "detected": bool(d), "pred_volume_ml": float(m) * voxel_ml}
+        for v, d, m in zip(voxels, detected[1:], measured[1:])
+    ]
     tp, fp = int(detected[1:].sum()), n_pred - int(touching[1:].sum())
     return {"lesions": lesions, "tp_lesions": tp, "fn_lesions": n_gt - tp, "fp_components": fp}
 
@@ -145,6 +153,12 @@ def recall_by_size(
         recall = sum(found) / len(found) if found else math.nan
         result[f"{lo:g}-{hi:g}"] = {"recall": recall, "detected": sum(found), "total": len(found)}
     return result
+
+
+def volume_ratio_median(per_lesion_records: Iterable[Mapping[str, Any]]) -> float:
+    """Median of predicted / true volume over the detected lesions (1 is exact; NaN when none was detected)."""
+    ratios = [r["pred_volume_ml"] / r["volume_ml"] for r in per_lesion_records if r["detected"] and r["volume_ml"] > 0]
+    return float(np.median(ratios)) if ratios else math.nan
 
 
 def scan_detection(pred: np.ndarray, gt: np.ndarray, fp_voxel_threshold: int = 125) -> dict[str, Any]:
@@ -447,6 +461,8 @@ def summarise_cases(cases: Sequence[Mapping[str, Any]], bins_ml: Sequence[float]
         "nsd": float(np.mean([c["nsd"] for c in cases])) if cases else math.nan,
         "lesion_recall_by_size_ml": recall_by_size(lesions, bins_ml),
         "fp_components": sum(c["fp_components"] for c in cases),
+        "fp_components_per_scan": sum(c["fp_components"] for c in cases) / len(cases) if cases else math.nan,
+        "volume_ratio_median": volume_ratio_median(lesions),
         "scan": scan_f1(c["outcome"] for c in cases),
         **pooled,
     }

@@ -33,9 +33,9 @@ class GRPOTrainer(SupervisedTrainer):
     the frozen reference Glance ``self.reference``, refreshed by :class:`ReferencePolicyRefresh`).
 
     Args:
-        group_size: windows per scan in a batch (N of the poster).
+        group_size: windows per scan in a batch (N of the paper).
         alpha, beta, eps: weights of the glance CE and KL terms, and the ratio clip.
-        reward: "binary" (poster's default) or "dice".
+        reward: "binary" (the paper's default) or "dice".
         rl_weight: weight of the GRPO policy loss; 0 trains the Glance by balanced CE alone (the ablation).
         rl_warmup_epochs: epochs trained with the policy loss off (Glance by balanced CE, Focus as always) before
             GRPO starts. The reward is the Focus result, which means nothing until the Focus segments: from the

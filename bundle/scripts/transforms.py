@@ -14,7 +14,7 @@ from monai.transforms import LoadImaged, MapTransform, MultiSampleTrait, Randomi
 from monai.utils import TransformBackends
 
 # Soft-tissue (abdomen) and wide (lung / bone) windows in HU. Feeding both as channels lets one model read chest,
-# abdomen and whole-body scans; the authors instead picked one window per dataset by hand (NOTES.md §2).
+# abdomen and whole-body scans; the authors instead picked one window per dataset by hand.
 DEFAULT_WINDOWS = ((-160.0, 240.0), (-1000.0, 1000.0))
 
 
