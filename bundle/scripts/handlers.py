@@ -109,6 +109,18 @@ def _case_id(path: str) -> str:
     return name
 
 
+def score_case(item: dict, fp_voxel_threshold: int = 125) -> dict:
+    """:func:`scripts.metrics.evaluate_case` of one evaluated scan (``pred`` and ``label`` masks on one grid, the
+    Glance ``windows`` if any), with its case id."""
+    pred = item["pred"]
+    spacing = report.voxel_spacing(convert_to_numpy(pred.affine))
+    record = metrics.evaluate_case(
+        convert_to_numpy(pred[0]) > 0, convert_to_numpy(item["label"][0]) > 0, spacing, item.get("windows", ()), fp_voxel_threshold
+    )
+    record["case"] = _case_id(pred.meta.get("filename_or_obj", "case"))
+    return record
+
+
 def _mask_path(pred) -> str | None:
     saved = pred.meta.get("saved_to")
     return str(saved) if saved else None
@@ -131,14 +143,7 @@ class ScreeningMetricsHandler:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
 
     def iteration_completed(self, engine: Engine) -> None:
-        for item in engine.state.output:
-            pred = item["pred"]
-            spacing = report.voxel_spacing(convert_to_numpy(pred.affine))
-            record = metrics.evaluate_case(
-                convert_to_numpy(pred[0]) > 0, convert_to_numpy(item["label"][0]) > 0, spacing, item.get("windows", ()), self.fp_voxel_threshold
-            )
-            record["case"] = _case_id(pred.meta.get("filename_or_obj", "case"))
-            self.cases.append(record)
+        self.cases.extend(score_case(item, self.fp_voxel_threshold) for item in engine.state.output)
 
     def epoch_completed(self, engine: Engine) -> None:
         cases = self.cases
