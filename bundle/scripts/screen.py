@@ -1,5 +1,5 @@
 """Screen CT scans with the bundle's inference config: one file, a DICOM series folder, a folder of scans, a
-datalist, or (no input) a synthetic phantom made on the fly. Bad scans are reported and skipped.
+datalist, or (no input) the embedded demo CT (``demo/``). Bad scans are reported and skipped.
 
 Run from the bundle folder: ``python -m scripts.screen --input CT.nii.gz --output_dir out``.
 """
@@ -12,32 +12,23 @@ import sys
 from pathlib import Path
 
 import fire
-import nibabel as nib
 from monai.bundle import ConfigParser
 from monai.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .phantom import make_phantom
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+#: The default input: a small real CT with a lesion the shipped weights find (source and licence beside it).
+DEMO_INPUT = BUNDLE_ROOT / "demo" / "sts_012_ct.nii.gz"
 logger = logging.getLogger(__name__)
-
-
-def demo_phantom(output_dir: Path, seed: int = 7) -> Path:
-    """Write the embedded default input: an abdominal phantom with lesions (deterministic by seed)."""
-    ph = make_phantom(seed, region="abdomen")
-    path = output_dir / "input" / "demo_phantom.nii.gz"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(ph.image, ph.affine), str(path))
-    return path
 
 
 def find_cases(source: str | None, output_dir: Path, key: str = "testing") -> list[dict]:
     """Datalist entries (``{"image": path}``) for a file, a DICOM series folder, a folder of volumes or a
-    Decathlon datalist JSON (its ``key`` list); the demo phantom when ``source`` is None."""
+    Decathlon datalist JSON (its ``key`` list); the embedded demo CT when ``source`` is None."""
     if source is None:
-        return [{"image": str(demo_phantom(output_dir))}]
+        return [{"image": str(DEMO_INPUT)}]
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"input not found: {path}")
