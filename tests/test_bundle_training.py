@@ -168,7 +168,7 @@ def test_training_smoke(trained):
         assert all(0.0 <= v <= 1.0 for _, v in scalars[tag]), (tag, scalars[tag])
     parser = ConfigParser()
     parser.read_config(str(bundle / TRAIN))
-    alpha, rl_weight = parser["train#trainer#alpha"], parser["train#trainer"].get("rl_weight", 1.0)
+    alpha, rl_weight = parser.get_parsed_content("train#trainer#alpha"), parser["train#trainer"].get("rl_weight", 1.0)
     for step in range(2 * iters_per_epoch):
         terms = {t: scalars[t][step][1] for t in LOSS_TAGS}
         expected = terms["seg_loss"] + alpha * terms["glance_ce"] + rl_weight * terms["rl_loss"]
@@ -416,7 +416,7 @@ def test_paper_override_builds_the_authors_networks():
         assert net.eval()(torch.zeros(1, 2, 96, 96, 64), glance=True).shape == (1, 2)
     # the authors' training settings; a per-window ResNet glance reads the bare window, as at inference
     assert parser["glance_context"] == [0, 0, 0]
-    assert parser["train#trainer#alpha"] == 0.1 and parser["glance_learning_rate"] == parser["learning_rate"] == 0.0003
+    assert parser.get_parsed_content("train#trainer#alpha") == 0.1 and parser["glance_learning_rate"] == parser["learning_rate"] == 0.0003
     assert parser["rl_warmup_epochs"] == 0
 
 

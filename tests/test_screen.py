@@ -132,8 +132,8 @@ def test_non_ras_anisotropic_nifti_keeps_input_geometry(tmp_path, phantom, use_b
     )
 
     out = tmp_path / "out"
-    # threshold 0: every window is focused, so the (shipped) Focus marks voxels and the mapping is visible
-    assert _run(pls, out, threshold=0.0) == 0
+    # threshold 0 and no peak gate: every window is focused and every component kept, so the mapping is visible
+    assert _run(pls, out, threshold=0.0, min_lesion_peak=0.5) == 0
     mask_img = nib.load(out / "pls_lesion.nii.gz")
     assert mask_img.shape == data.shape
     np.testing.assert_allclose(mask_img.affine, lps_affine, atol=1e-4)
@@ -147,7 +147,7 @@ def test_non_ras_anisotropic_nifti_keeps_input_geometry(tmp_path, phantom, use_b
     assert summary["screened"] == 1 and summary["failed"] == []
 
     # voxel-exact: the same scan stored in RAS order gives the same mask, voxel for voxel in world space
-    assert _run(ras, out, threshold=0.0) == 0
+    assert _run(ras, out, threshold=0.0, min_lesion_peak=0.5) == 0
     mask_ras = np.asarray(nib.load(out / "ras_lesion.nii.gz").dataobj)
     assert mask_ras.shape == phantom.image.shape and mask_ras.sum() > 0
     back = np.flip(mask.transpose(1, 0, 2), (0, 1))
@@ -205,7 +205,7 @@ def test_dicom_series_folder(tmp_path, use_bundle):
     write_dicom_series(series, ph.image, (1.5, 1.2, 4.0))
     first = pydicom.dcmread(series / "IM0001")
     out = tmp_path / "out"
-    assert _run(series, out, threshold=0.0) == 0
+    assert _run(series, out, threshold=0.0, min_lesion_peak=0.5) == 0
     mask_img = nib.load(out / "series1_lesion.nii.gz")
     assert mask_img.shape == (first.Columns, first.Rows, 24) == ph.image.shape
     # NIfTI is RAS+: the DICOM (LPS) origin of the first slice maps to (-x, -y, z) at voxel 0

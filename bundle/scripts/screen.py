@@ -50,9 +50,11 @@ def screen(
     key: str = "testing",
     threshold: float | None = None,
     device: str | None = None,
+    min_lesion_peak: float | None = None,
 ) -> None:
     """Screen every case, writing ``<case>_lesion.nii.gz``, ``<case>_report.json`` and ``<case>_overview.png``
-    into ``output_dir`` plus ``summary.json``; exit status 1 when any case failed."""
+    into ``output_dir`` plus ``summary.json``; exit status 1 when any case failed. ``threshold`` (the Glance's)
+    and ``min_lesion_peak`` (0.5 reports every component) override the inference config."""
     out = Path(output_dir).resolve()
     cases = find_cases(input, out, key)
     parser = ConfigParser()
@@ -62,6 +64,8 @@ def screen(
     parser["datalist"] = []
     if threshold is not None:
         parser["glance_threshold"] = threshold
+    if min_lesion_peak is not None:
+        parser["min_lesion_peak"] = min_lesion_peak
     if device is not None:
         parser["device"] = f"$torch.device('{device}')"
     parser["inferer"]["progress"] = len(cases) == 1

@@ -12,6 +12,9 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import LoadImaged, MapTransform, MultiSampleTrait, Randomizable, RandomizableTransform
 from monai.utils import TransformBackends, convert_to_dst_type
+from scipy import ndimage
+
+from .metrics import connected_components
 
 # Soft-tissue (abdomen) and wide (lung / bone) windows in HU. Feeding both as channels lets one model read chest,
 # abdomen and whole-body scans; the authors instead picked one window per dataset by hand.
@@ -138,10 +141,6 @@ class LesionConfidenceFilterd(MapTransform):
         self.prob_key, self.min_peak = prob_key, min_peak
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        from scipy import ndimage
-
-        from .metrics import connected_components
-
         d = dict(data)
         prob = np.asarray(d[self.prob_key])[0]
         for key in self.key_iterator(d):
@@ -249,8 +248,6 @@ class LesionHostsd(MapTransform):
         self.lung_hu, self.min_lung_ml, self.soft_hu = lung_hu, min_lung_ml, tuple(soft_hu)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        from scipy import ndimage
-
         d = dict(data)
         hu = np.asarray(d[self.image_key])[0]
         lesion = np.asarray(d[self.label_key])[0] > 0 if d.get(self.label_key) is not None else np.zeros(hu.shape, bool)
@@ -352,8 +349,6 @@ class RandLesionSynthesisd(RandomizableTransform, MapTransform):
 
     def _implant(self, hu: torch.Tensor, label: torch.Tensor, hosts: np.ndarray, host: str) -> None:
         """Implant one lesion in place; its host voxels stop being a host so lesions never overlap."""
-        from scipy import ndimage
-
         code = HOSTS[host]
         candidates = np.flatnonzero(hosts == code)
         centre = np.unravel_index(int(candidates[self.R.randint(len(candidates))]), hosts.shape)
