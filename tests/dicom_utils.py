@@ -40,7 +40,8 @@ def write_series(folder: Path, volume: np.ndarray, affine: np.ndarray, name_orde
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
         ds.Modality, ds.PatientID, ds.PatientName, ds.PatientSex = "CT", "PHANTOM", "Phantom^Test", "O"
         ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20260101", "120000", "ACC1", "S1"
-        ds.InstitutionName, ds.StationName, ds.BodyPartExamined = "Test Hospital", "CT1", "ABDOMEN"
+        ds.Manufacturer, ds.InstitutionName, ds.StationName = "ACME", "Test Hospital", "CT1"
+        ds.BodyPartExamined = "ABDOMEN"
         ds.SeriesNumber, ds.InstanceNumber = 1, k + 1
         ds.ImageOrientationPatient = [round(float(v), 6) for v in orientation]
         ds.ImagePositionPatient = [round(float(v), 4) for v in affine[:3] @ [0, 0, k, 1]]

@@ -5,6 +5,7 @@ new series in the source study, with the patient and study attributes of the sou
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -250,7 +251,7 @@ def _new_instance(target: Dataset, source: Dataset, info: ResultInfo, series_num
         if keyword in target:
             del target[keyword]
         if keyword in source:
-            target[keyword] = source[keyword]
+            target[keyword] = copy.deepcopy(source[keyword])
     for keyword in TYPE2:
         if keyword not in target:
             setattr(target, keyword, "")
@@ -296,10 +297,14 @@ def write_seg(mask: np.ndarray, affine: np.ndarray, series: DicomSeries, path: s
         {"ContentLabel": "LESIONS", "ContentDescription": f"{info.name} {info.version}", "segmentAttributes": [[segment]]}
     )
     writer = pydicom_seg.MultiClassWriter(template, inplane_cropping=False, skip_empty_slices=False)
-    seg = writer.write(image, list(series.headers))
-    _new_instance(seg, series.headers[0], info, SEG_SERIES_NUMBER, f"{info.name}: {info.segment_label} (research use)")
+    # pydicom-seg 0.4.1 shares the first source's elements, then gives them new values (a new frame of reference
+    # UID among them): it gets a copy of that header, and the frame of reference is set back.
+    first = series.headers[0]
+    seg = writer.write(image, [copy.deepcopy(first), *series.headers[1:]])
+    seg.FrameOfReferenceUID = first.FrameOfReferenceUID
+    _new_instance(seg, first, info, SEG_SERIES_NUMBER, f"{info.name}: {info.segment_label} (research use)")
+    seg.PositionReferenceIndicator = first.get("PositionReferenceIndicator", "")
     seg.ContentCreatorName = ""
-    seg.PositionReferenceIndicator = series.headers[0].get("PositionReferenceIndicator", "")
     return _atomic_write(path, lambda stream: seg.save_as(stream, write_like_original=False))
 
 
@@ -311,7 +316,7 @@ def result_lines(report: Mapping[str, Any], info: ResultInfo, most: int = 8) -> 
     windows = report["windows"]
     return [
         f"{info.name} {info.version}: {report['verdict']} (score {report['score']:.2f})",
-        f"{count}: {', '.join(volumes[:most])}{more} mL" if volumes else "no lesions",
+        f"{count}: {', '.join(volumes[:most])} mL{more}" if volumes else "no lesions",
         f"Glance focused {windows['kept']} of {windows['total']} windows. Research use only, not for diagnosis.",
     ]
 
