@@ -31,6 +31,7 @@ from scripts.report import render_overview
 from scripts.transforms import LoadCTd
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1] / "bundle"
+REAL_DICOM = Path(__file__).resolve().parents[2] / "shared/data/realct/dicom/totalseg_example_ct_dicom_clean"
 INFO = ResultInfo("GF-Screen test", "9.9.9", "lesion")
 AXIAL = [1, 0, 0, 0, 1, 0]
 # sagittal: columns run to the back, rows down, slices stacked to the patient's left, against the normal (right)
@@ -112,7 +113,8 @@ def _break(folder: Path, how: str) -> str:
     if how == "tilt":
         for k, f in enumerate(files):
             ds = pydicom.dcmread(f)
-            ds.ImagePositionPatient = [float(ds.ImagePositionPatient[0]), 0.3 * int(ds.InstanceNumber), float(ds.ImagePositionPatient[2])]
+            x, _, z = map(float, ds.ImagePositionPatient)
+            ds.ImagePositionPatient = [x, 0.3 * int(ds.InstanceNumber), z]
             ds.save_as(f)
         return "gantry tilt"
     if how == "no position":
@@ -154,7 +156,7 @@ def _load(series, tmp_path) -> tuple[np.ndarray, np.ndarray]:
     return tuple(image.shape[1:]), np.asarray(image.affine)
 
 
-@pytest.mark.parametrize("affine", [axial_affine((1.5, 1.2, 2.0)), SAGITTAL_REVERSED], ids=["axial", "sagittal_reversed"])
+@pytest.mark.parametrize("affine", [axial_affine((1.5, 1.2, 2.0)), SAGITTAL_REVERSED], ids=["axial", "sagittal"])
 def test_seg_reads_back_as_the_mask_on_the_source_slices(tmp_path, affine):
     files = write_series(tmp_path / "ct", _volume(), affine)
     series = read_series(tmp_path / "ct")
@@ -177,7 +179,8 @@ def test_seg_reads_back_as_the_mask_on_the_source_slices(tmp_path, affine):
     assert seg.SOPClassUID == SegmentationStorage and seg.Modality == "SEG" and seg.NumberOfFrames == len(files)
     for frame in seg.PerFrameFunctionalGroupsSequence:  # each frame on its own source slice
         source = sources[frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID]
-        np.testing.assert_allclose(frame.PlanePositionSequence[0].ImagePositionPatient, source.ImagePositionPatient, atol=1e-3)
+        position = frame.PlanePositionSequence[0].ImagePositionPatient
+        np.testing.assert_allclose(position, source.ImagePositionPatient, atol=1e-3)
     referenced = seg.ReferencedSeriesSequence[0]
     assert referenced.SeriesInstanceUID == first.SeriesInstanceUID
     assert {i.ReferencedSOPInstanceUID for i in referenced.ReferencedInstanceSequence} == set(sources)
@@ -199,6 +202,28 @@ def test_seg_reads_back_as_the_mask_on_the_source_slices(tmp_path, affine):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["seg.dcm"]  # no temporary files either
 
 
+@pytest.mark.realdata
+@pytest.mark.skipif(not REAL_DICOM.is_dir(), reason=f"real DICOM series not found at {REAL_DICOM}")
+def test_seg_of_a_real_series(tmp_path):
+    """A scanner's series (Siemens, 512 x 512 x 20, with private tags): the DICOM-SEG of a mask on it as loaded
+    reads back voxel for voxel, on its frame of reference, and the Secondary Capture carries its patient."""
+    series = read_series(REAL_DICOM)
+    shape, ras = _load(series, tmp_path)
+    mask = np.zeros(shape, np.uint8)
+    mask[200:260, 300:340, 5:12] = 1
+    seg = pydicom.dcmread(write_seg(mask, ras, series, tmp_path / "seg.dcm", INFO))
+    image = pydicom_seg.SegmentReader().read(seg).segment_image(1)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image).transpose(2, 1, 0), mask)
+    np.testing.assert_allclose(image.GetOrigin(), (LPS_FROM_RAS @ ras)[:3, 3], atol=1e-3)
+    first = pydicom.dcmread(series.files[0], stop_before_pixels=True)
+    assert (seg.FrameOfReferenceUID, seg.StudyInstanceUID) == (first.FrameOfReferenceUID, first.StudyInstanceUID)
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == first.SeriesInstanceUID
+    sc = pydicom.dcmread(write_secondary_capture(np.zeros((8, 8, 3), np.uint8), series, tmp_path / "sc.dcm", INFO))
+    for keyword in ("PatientName", "PatientID", "StudyDescription"):
+        assert sc[keyword].value == first[keyword].value, keyword
+    assert "InstitutionAddress" not in seg and "InstitutionAddress" not in sc
+
+
 def test_seg_refuses_a_mask_off_the_slices_and_series_without_uids(tmp_path):
     write_series(tmp_path / "ct", _volume(), axial_affine((1.5, 1.2, 2.0)))
     series = read_series(tmp_path / "ct")
@@ -209,7 +234,8 @@ def test_seg_refuses_a_mask_off_the_slices_and_series_without_uids(tmp_path):
         with pytest.raises(DicomSeriesError, match="does not lie on the 10 DICOM slices"):
             write_seg(np.ones(bad_shape), bad_affine, series, tmp_path / "seg.dcm", INFO)
 
-    write_series(tmp_path / "anon", _volume(), axial_affine((1.5, 1.2, 2.0)), SeriesInstanceUID="", FrameOfReferenceUID=None)
+    uids = {"SeriesInstanceUID": "", "FrameOfReferenceUID": None}
+    write_series(tmp_path / "anon", _volume(), axial_affine((1.5, 1.2, 2.0)), **uids)
     anonymous = read_series(tmp_path / "anon")
     with pytest.raises(DicomSeriesError) as error:
         write_seg(mask, ras, anonymous, tmp_path / "seg.dcm", INFO)
@@ -248,7 +274,8 @@ def overviews(tmp_path_factory) -> dict[str, Path]:
     mask[10:20, 10:15, 3:7] = True
     paths = {}
     for name, title in (("untitled", ""), ("titled", "Doe^Jane_0123456 gjpqy: suspicious (score 0.99, kept 9/9)" * 2)):
-        paths[name] = render_overview(image, mask, np.full(image.shape, 0.5), np.diag([1.5, 1.2, 4.0, 1]), tmp / f"{name}.png", title)
+        heat, affine = np.full(image.shape, 0.5), np.diag([1.5, 1.2, 4.0, 1])
+        paths[name] = render_overview(image, mask, heat, affine, tmp / f"{name}.png", title)
     return paths
 
 
@@ -263,7 +290,8 @@ def test_overview_picture_drops_the_title(overviews):
     picture = overview_picture(overviews["titled"], lines)
     np.testing.assert_array_equal(picture, overview_picture(overviews["untitled"], lines))
     assert picture.dtype == np.uint8 and picture.shape == (400 - OVERVIEW_TITLE_ROWS + 20 + 22 * 3, 1200, 3)
-    np.testing.assert_array_equal(picture[-(400 - OVERVIEW_TITLE_ROWS):], np.round(untitled[OVERVIEW_TITLE_ROWS:, :, :3] * 255))
+    body = np.round(untitled[OVERVIEW_TITLE_ROWS:, :, :3] * 255)
+    np.testing.assert_array_equal(picture[-len(body) :], body)
     other = overview_picture(overviews["untitled"], ["line one: no lesion found", *lines[1:]])
     assert np.any(picture[:20 + 22] != other[:20 + 22]) and np.all(picture[20 + 22:] == other[20 + 22:])
 

@@ -155,8 +155,8 @@ class DicomSeries:
         slice on each DICOM slice, in-plane axes along the DICOM columns and rows: what a DICOM-SEG frame needs."""
         expected = self.lps_affine()
         to_voxel = np.linalg.inv(LPS_FROM_RAS @ np.asarray(affine, float))
-        corners = np.array([list(map(float, h.ImagePositionPatient)) + [1.0] for h in self.headers])
-        voxels = (to_voxel @ corners.T).T[:, :3]
+        origins = np.array([list(map(float, h.ImagePositionPatient)) + [1.0] for h in self.headers])
+        voxels = (to_voxel @ origins.T).T[:, :3]  # of each slice's first pixel: (0, 0, k) on a matching grid
         in_plane = to_voxel[:3, :3] @ expected[:3, :2]  # one column / row step of the DICOM grid, in voxels
         n = len(self.headers)
         if (
@@ -166,8 +166,8 @@ class DicomSeries:
         ):
             raise DicomSeriesError(
                 f"{self.folder}: the loaded volume (shape {tuple(shape)}) does not lie on the {n} DICOM slices "
-                f"({self.headers[0].Columns} x {self.headers[0].Rows}); the slice voxels of their positions: "
-                f"{np.round(voxels[:, 2], 2).tolist()[:8]}..."
+                f"({self.headers[0].Columns} x {self.headers[0].Rows}); their first pixels are at its voxels "
+                f"{np.round(voxels[:3], 2).tolist()}..."
             )
 
     def require_uids(self) -> None:
@@ -203,7 +203,7 @@ def read_series(path: str | os.PathLike) -> DicomSeries:
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     try:
-        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.name != "DICOMDIR")
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != "DICOMDIR" and p.name[0] != ".")
         if not files:
             raise ValueError("no DICOM files.")
         headers = [_read_header(p) for p in files]
@@ -219,7 +219,7 @@ def read_series(path: str | os.PathLike) -> DicomSeries:
             )
         return DicomSeries(folder, tuple(_sorted_slices(headers)))
     except ValueError as e:
-        raise DicomSeriesError(f"DICOM series {folder}: {e}") from e
+        raise DicomSeriesError(f"DICOM series {folder}: {e}") from None  # the reason is in the message
 
 
 def _sorted_slices(headers: list[Dataset]) -> list[Dataset]:
@@ -266,7 +266,9 @@ def _new_instance(target: Dataset, source: Dataset, info: ResultInfo, series_num
     target.SoftwareVersions = [info.version, f"pydicom-seg {pydicom_seg.__version__}"]
 
 
-def write_seg(mask: np.ndarray, affine: np.ndarray, series: DicomSeries, path: str | os.PathLike, info: ResultInfo) -> Path | None:
+def write_seg(
+    mask: np.ndarray, affine: np.ndarray, series: DicomSeries, path: str | os.PathLike, info: ResultInfo
+) -> Path | None:
     """Write the binary ``mask`` (on the grid of ``affine``, voxel to RAS mm, as the screening saves it) as a
     DICOM-SEG of one segment on every slice of ``series``, in its study and frame of reference; None (no file)
     for an empty mask, which a DICOM-SEG cannot hold as a segment."""
@@ -290,12 +292,13 @@ def write_seg(mask: np.ndarray, affine: np.ndarray, series: DicomSeries, path: s
         "SegmentedPropertyCategoryCodeSequence": {
             "CodeValue": "49755003", "CodingSchemeDesignator": "SCT", "CodeMeaning": "Morphologically Altered Structure"
         },
-        "SegmentedPropertyTypeCodeSequence": {"CodeValue": "52988006", "CodingSchemeDesignator": "SCT", "CodeMeaning": "Lesion"},
+        "SegmentedPropertyTypeCodeSequence": {
+            "CodeValue": "52988006", "CodingSchemeDesignator": "SCT", "CodeMeaning": "Lesion"
+        },
         "recommendedDisplayRGBValue": [0, 255, 0],  # the lime of the overview's contours
     }  # fmt: skip
-    template = pydicom_seg.template.from_dcmqi_metainfo(
-        {"ContentLabel": "LESIONS", "ContentDescription": f"{info.name} {info.version}", "segmentAttributes": [[segment]]}
-    )
+    metainfo = {"ContentLabel": "LESIONS", "ContentDescription": f"{info.name} {info.version}"}
+    template = pydicom_seg.template.from_dcmqi_metainfo({**metainfo, "segmentAttributes": [[segment]]})
     writer = pydicom_seg.MultiClassWriter(template, inplane_cropping=False, skip_empty_slices=False)
     # pydicom-seg 0.4.1 shares the first source's elements, then gives them new values (a new frame of reference
     # UID among them): it gets a copy of that header, and the frame of reference is set back.
@@ -337,7 +340,9 @@ def overview_picture(png: str | os.PathLike, lines: Sequence[str]) -> np.ndarray
     return np.asarray(canvas.buffer_rgba())[:, :, :3].copy()
 
 
-def write_secondary_capture(picture: np.ndarray, series: DicomSeries, path: str | os.PathLike, info: ResultInfo) -> Path:
+def write_secondary_capture(
+    picture: np.ndarray, series: DicomSeries, path: str | os.PathLike, info: ResultInfo
+) -> Path:
     """Write an RGB ``picture`` (rows, columns, 3; uint8) as a Secondary Capture image, a new series in the study
     of ``series``."""
     picture = np.ascontiguousarray(picture, dtype=np.uint8)

@@ -105,8 +105,9 @@ def output_formats(requested: str | None, series: DicomSeries | None, image: str
     """The formats to write for one case: ``requested`` (nifti, dicom or both), or by default DICOM for a DICOM
     series and NIfTI otherwise. DICOM output needs a DICOM series with UIDs to refer to."""
     if requested is None:
-        return {"dicom"} if series is not None else {"nifti"}
-    formats = {"nifti", "dicom"} if requested == "both" else {requested}
+        formats = {"dicom"} if series is not None else {"nifti"}
+    else:
+        formats = {"nifti", "dicom"} if requested == "both" else {requested}
     if "dicom" in formats:
         if series is None:
             raise ValueError(f"{image}: DICOM output needs a DICOM series as input; use --output_format nifti.")
@@ -118,7 +119,8 @@ def write_dicom(item: dict, rep: dict, series: DicomSeries, out: Path, info: Res
     """DICOM-SEG of the lesion mask (none without lesions) and Secondary Capture of the overview of one screened
     case; returns their paths for the report's ``files``."""
     case, pred = rep["case"], item["pred"]
-    seg = write_seg(convert_to_numpy(pred[0]) > 0, convert_to_numpy(pred.affine), series, out / f"{case}_lesion_seg.dcm", info)
+    mask, affine = convert_to_numpy(pred[0]) > 0, convert_to_numpy(pred.affine)
+    seg = write_seg(mask, affine, series, out / f"{case}_lesion_seg.dcm", info)
     picture = overview_picture(rep["files"]["overview"], result_lines(rep, info))
     sc = write_secondary_capture(picture, series, out / f"{case}_overview_sc.dcm", info)
     if seg is None:
