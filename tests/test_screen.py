@@ -355,6 +355,11 @@ def test_find_cases_in_a_folder_of_series(tmp_path):
     ]
     assert find_cases(str(root / "p1" / "ct"), out) == [{"image": str(root / "p1" / "ct"), "dicom_case": "ct"}]
     assert find_cases(str(first[2]), out) == [{"image": str(first[2]), "dicom_case": "ct"}]
+    (root / "list.json").write_text(json.dumps({"testing": [{"image": "p2/ct"}, "scan.nii.gz"]}))
+    assert find_cases(str(root / "list.json"), out) == [
+        {"image": str(root / "p2" / "ct"), "dicom_case": "ct"},
+        {"image": str(root / "scan.nii.gz")},
+    ]
     empty = tmp_path / "empty"
     empty.mkdir()
     assert find_cases(str(empty), out) == [{"image": str(empty), "dicom_case": "empty"}]
