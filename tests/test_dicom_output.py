@@ -97,6 +97,10 @@ def _break(folder: Path, how: str) -> str:
     if how == "missing":
         (folder / "IM0005").unlink()
         return "1 missing slice(s)"
+    if how == "truncated":
+        data = files[4].read_bytes()
+        files[4].write_bytes(data[:-100])  # ITK would read the series without this slice, and say nothing
+        return f"{files[4].name} is truncated"
     if how == "not dicom":
         (folder / "notes.txt").write_text("not an image")
         return "notes.txt is not a DICOM file"
@@ -125,7 +129,9 @@ def _break(folder: Path, how: str) -> str:
     raise AssertionError(how)
 
 
-@pytest.mark.parametrize("how", ["mixed", "missing", "not dicom", "localizer", "multi-frame", "tilt", "no position"])
+@pytest.mark.parametrize(
+    "how", ["mixed", "missing", "truncated", "not dicom", "localizer", "multi-frame", "tilt", "no position"]
+)
 def test_read_series_refuses_bad_series_naming_the_folder(tmp_path, how):
     folder = tmp_path / "series"
     write_series(folder, _volume(), axial_affine((1.5, 1.2, 2.0)))

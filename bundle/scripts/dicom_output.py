@@ -23,6 +23,7 @@ import pydicom_seg
 import SimpleITK as sitk
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
@@ -109,18 +110,26 @@ def sort_slices(positions: np.ndarray, orientation: Sequence[float], pixel_spaci
 
 
 def _read_header(path: Path) -> Dataset:
-    """The header of one DICOM file (no pixel data); files without the DICOM preamble are accepted as ITK does."""
+    """The header of one DICOM file, without its pixel data; files without the DICOM preamble are accepted as ITK
+    does. A file shorter than its pixel data is refused: ITK would leave that slice out without a word."""
+    header = None
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
+        header = pydicom.dcmread(path, defer_size=1024)
     except InvalidDicomError:
-        pass
-    try:
-        header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-        if "Rows" in header:
-            return header
-    except Exception:  # any parser error here means the same: not DICOM
-        pass
-    raise ValueError(f"{path.name} is not a DICOM file.")
+        try:
+            header = pydicom.dcmread(path, defer_size=1024, force=True)
+        except Exception:  # any parser error here means the same: not DICOM
+            pass
+    if header is None or "Rows" not in header:
+        raise ValueError(f"{path.name} is not a DICOM file.")
+    pixels = header.get_item("PixelData")  # still raw (position and length in the file) unless read whole
+    if isinstance(pixels, RawDataElement) and pixels.length != 0xFFFFFFFF:
+        end = pixels.value_tell + pixels.length
+        if end > path.stat().st_size:
+            raise ValueError(f"{path.name} is truncated: its pixel data end {end} bytes in, the file is shorter.")
+    if pixels is not None:
+        del header["PixelData"]  # a header is all that is kept
+    return header
 
 
 def _uid(header: Dataset, keyword: str) -> str:
@@ -196,9 +205,9 @@ class DicomSeries:
 def read_series(path: str | os.PathLike) -> DicomSeries:
     """Check and sort the DICOM series in folder ``path``, or the series of file ``path`` in its folder.
 
-    Refused, with the folder and the reason: files that are not DICOM, several series (unless ``path`` picks one),
-    multi-frame images, slices without a position or with different orientations, sizes or pixel spacings, and
-    what :func:`sort_slices` refuses. Hidden files and DICOMDIR are skipped.
+    Refused, with the folder and the reason: files that are not DICOM or truncated, several series (unless ``path``
+    picks one), multi-frame images, slices without a position or with different orientations, sizes or pixel
+    spacings, and what :func:`sort_slices` refuses. Hidden files and DICOMDIR are skipped.
     """
     path = Path(path)
     folder = path if path.is_dir() else path.parent
