@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -30,7 +29,6 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 
 from .report import _atomic_write
 
-logger = logging.getLogger(__name__)
 
 SEG_SERIES_NUMBER, SC_SERIES_NUMBER = 9901, 9902  # high numbers: listed after the scanner's own series
 POSITION_TOL = 0.1  # a slice may lie this fraction of the slice step off the uniform grid, or of a pixel sideways
