@@ -1,5 +1,6 @@
 """The screening main job (scripts.screen): output geometry equals input geometry for non-RAS, anisotropic NIfTI
-and DICOM series; reports are consistent; a bad file is reported and skipped, and the exit status says so."""
+and DICOM series; DICOM series get a DICOM-SEG equal to the NIfTI mask and a Secondary Capture, which Orthanc
+takes; reports are consistent; a bad file or series is reported and skipped, and the exit status says so."""
 
 import json
 import os
@@ -11,20 +12,25 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pydicom
+import pydicom_seg
 import pytest
+import SimpleITK as sitk
 import torch
+from dicomweb_client.api import DICOMwebClient
 from monai.bundle import ConfigParser
 from monai.inferers import sliding_window_inference
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
 import scripts.screen as screen_module
+from dicom_utils import axial_affine, write_series
+from monailabel_utils import orthanc
+from scripts.dicom_output import LPS_FROM_RAS
 from scripts.phantom import make_phantom
-from scripts.screen import screen
+from scripts.screen import find_cases, screen
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1] / "bundle"
 REAL_DICOM = Path(__file__).resolve().parents[2] / "shared" / "data" / "realct" / "dicom" / "totalseg_example_ct_dicom"
+NO_ORTHANC = "Orthanc not installed: apt-get install orthanc orthanc-dicomweb"
 REPORT_KEYS = {"case", "verdict", "score", "lesion_voxels", "fp_voxel_threshold", "lesions", "windows", "timings_s",
                "input_geometry", "files"}
 TIMING_KEYS = {"load", "glance", "focus", "postprocess_save", "report", "total"}
@@ -169,50 +175,197 @@ def test_default_threshold_report(tmp_path, phantom, use_bundle):
     assert rep["windows"]["glance_threshold"] == parser["glance_threshold"]
 
 
-def write_dicom_series(folder: Path, volume: np.ndarray, spacing, origin=(-40.0, -30.0, 100.0)) -> None:
-    """Write ``volume`` (x = columns, y = rows, z = slices; int16 HU) as an axial CT series, one file a slice."""
-    folder.mkdir(parents=True, exist_ok=True)
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
-    nx, ny, nz = volume.shape
-    for k in range(nz):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.is_little_endian, ds.is_implicit_VR = True, False
-        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.Modality, ds.PatientID, ds.PatientName = "CT", "PHANTOM", "Phantom^Test"
-        ds.SeriesNumber, ds.InstanceNumber = 1, k + 1
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [origin[0], origin[1], origin[2] + k * spacing[2]]
-        ds.PixelSpacing = [spacing[1], spacing[0]]  # between rows (y), between columns (x)
-        ds.SliceThickness = spacing[2]
-        ds.Rows, ds.Columns = ny, nx
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
-        ds.PixelData = (volume[:, :, k].T.astype(np.int32) + 1024).astype(np.int16).tobytes()
-        # reversed file order: the reader must sort slices by position, not by name
-        ds.save_as(folder / f"IM{nz - k:04d}", write_like_original=False)
+SPACING = (1.5, 1.2, 4.0)
 
 
-def test_dicom_series_folder(tmp_path, use_bundle):
-    ph = make_phantom(5, shape=(64, 56, 24), spacing=(1.5, 1.2, 4.0))
-    series = tmp_path / "series1"
-    write_dicom_series(series, ph.image, (1.5, 1.2, 4.0))
-    first = pydicom.dcmread(series / "IM0001")
-    out = tmp_path / "out"
-    assert _run(series, out, threshold=0.0, min_lesion_peak=0.5) == 0
-    mask_img = nib.load(out / "series1_lesion.nii.gz")
-    assert mask_img.shape == (first.Columns, first.Rows, 24) == ph.image.shape
-    # NIfTI is RAS+: the DICOM (LPS) origin of the first slice maps to (-x, -y, z) at voxel 0
-    np.testing.assert_allclose(mask_img.affine[:3, 3], [40.0, 30.0, 100.0], atol=1e-3)
-    np.testing.assert_allclose(np.abs(np.diag(mask_img.affine)[:3]), [1.5, 1.2, 4.0], atol=1e-4)
-    assert np.asarray(mask_img.dataobj).sum() > 0
-    _check_report(out, "series1", ph.image.shape, (1.5, 1.2, 4.0), threshold=0.0)
+def _sagittal_reversed(image: np.ndarray, spacing, origin=(-50.0, -40.0, 120.0)) -> tuple[np.ndarray, np.ndarray]:
+    """The RAS-ordered ``image`` as a sagittal series (columns run to the back, rows down) whose slices are stacked
+    to the patient's left, against their normal: voxels (column, row, slice) and their LPS affine."""
+    volume = np.ascontiguousarray(image[::-1, ::-1, ::-1].transpose(1, 2, 0))
+    sx, sy, sz = spacing
+    return volume, np.array([[0, 0, sx, origin[0]], [sy, 0, 0, origin[1]], [0, -sz, 0, origin[2]], [0, 0, 0, 1]])
+
+
+@pytest.fixture(scope="module")
+def screened_series(weights_bundle, tmp_path_factory) -> dict[str, tuple[Path, list[Path], Path]]:
+    """One phantom as an axial series and as a sagittal series in reversed slice order, each screened with
+    ``output_format="both"`` at threshold 0 (every window focused, so that the weights mark voxels): per series,
+    its folder, its files in slice order and the output folder."""
+    ph = make_phantom(5, shape=(64, 56, 24), spacing=SPACING)
+    tmp = tmp_path_factory.mktemp("dicom")
+    series = {"axial": (ph.image, axial_affine(SPACING)), "sagittal_reversed": _sagittal_reversed(ph.image, SPACING)}
+    screened = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(screen_module, "BUNDLE_ROOT", weights_bundle)
+        for name, (volume, affine) in series.items():
+            files = write_series(tmp / name, volume, affine)
+            out = tmp / f"out_{name}"
+            assert _run(tmp / name, out, threshold=0.0, min_lesion_peak=0.5, output_format="both") == 0
+            screened[name] = (tmp / name, files, out)
+    return screened
+
+
+def _seg_equals_mask(seg: pydicom.Dataset, mask_img: nib.Nifti1Image, files: list[Path]) -> None:
+    """The DICOM-SEG read back (pydicom-seg) equals the NIfTI mask voxel for voxel on the same grid, each of its
+    frames lies on the source slice it references, and it references the source series and frame of reference."""
+    image = pydicom_seg.SegmentReader().read(seg).segment_image(1)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image).transpose(2, 1, 0), np.asarray(mask_img.dataobj))
+    lps = LPS_FROM_RAS @ mask_img.affine
+    np.testing.assert_allclose(image.GetOrigin(), lps[:3, 3], atol=1e-3)
+    np.testing.assert_allclose(np.reshape(image.GetDirection(), (3, 3)) * image.GetSpacing(), lps[:3, :3], atol=1e-4)
+    sources = {ds.SOPInstanceUID: ds for ds in (pydicom.dcmread(f, stop_before_pixels=True) for f in files)}
+    first = next(iter(sources.values()))
+    assert seg.NumberOfFrames == len(files)
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        source = sources[frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID]
+        position = frame.PlanePositionSequence[0].ImagePositionPatient
+        np.testing.assert_allclose(position, source.ImagePositionPatient, atol=1e-3)
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == first.SeriesInstanceUID
+    assert (seg.FrameOfReferenceUID, seg.StudyInstanceUID) == (first.FrameOfReferenceUID, first.StudyInstanceUID)
+
+
+@pytest.mark.parametrize("name", ["axial", "sagittal_reversed"])
+def test_dicom_series_gets_nifti_and_a_seg_equal_to_it(screened_series, name):
+    folder, files, out = screened_series[name]
+    case = folder.name
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    mask_img = nib.load(out / f"{case}_lesion.nii.gz")
+    assert mask_img.shape == (first.Columns, first.Rows, len(files)) and np.asarray(mask_img.dataobj).sum() > 0
+    # NIfTI voxel (0, 0, k) lies on the k-th slice along the slice normal (RAS = LPS with x and y negated)
+    orientation = np.asarray(first.ImageOrientationPatient, float)
+    normal = np.cross(orientation[:3], orientation[3:])
+    positions = [list(map(float, pydicom.dcmread(f).ImagePositionPatient)) for f in files]
+    positions.sort(key=lambda p: np.dot(p, normal))
+    voxels = [(LPS_FROM_RAS @ mask_img.affine @ [0, 0, k, 1])[:3] for k in range(len(files))]
+    np.testing.assert_allclose(voxels, positions, atol=1e-3)
+    spacing = (SPACING[0], SPACING[1], SPACING[2]) if name == "axial" else (SPACING[1], SPACING[2], SPACING[0])
+    rep = _check_report(out, case, mask_img.shape, spacing, threshold=0.0)
+    assert rep["files"]["dicom_seg"] == str(out / f"{case}_lesion_seg.dcm")
+    assert rep["files"]["dicom_sc"] == str(out / f"{case}_overview_sc.dcm")
+
+    seg, sc = pydicom.dcmread(rep["files"]["dicom_seg"]), pydicom.dcmread(rep["files"]["dicom_sc"])
+    _seg_equals_mask(seg, mask_img, files)
+    assert seg.SegmentSequence[0].SegmentLabel == "lesion"
+    assert sc.StudyInstanceUID == first.StudyInstanceUID and sc.pixel_array.shape[1:] == (1200, 3)
+    sources = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files}
+    assert len({seg.SeriesInstanceUID, sc.SeriesInstanceUID, first.SeriesInstanceUID}) == 3
+    assert not {seg.SOPInstanceUID, sc.SOPInstanceUID} & sources and seg.SOPInstanceUID != sc.SOPInstanceUID
+    for ds in (seg, sc):
+        for keyword in ("PatientName", "PatientID", "AccessionNumber"):
+            assert ds[keyword].value == first[keyword].value, keyword
+        assert "InstitutionName" not in ds and "StationName" not in ds
+
+
+@pytest.mark.orthanc
+@pytest.mark.skipif(shutil.which("Orthanc") is None, reason=NO_ORTHANC)
+def test_orthanc_takes_the_dicom_outputs(screened_series, tmp_path):
+    """STOW-RS the source series, the DICOM-SEG and the Secondary Capture to Orthanc; WADO-RS gives them back."""
+    folder, files, out = screened_series["axial"]
+    seg = pydicom.dcmread(out / f"{folder.name}_lesion_seg.dcm")
+    sc = pydicom.dcmread(out / f"{folder.name}_overview_sc.dcm")
+    source = [pydicom.dcmread(f) for f in files]
+    study = source[0].StudyInstanceUID
+    with orthanc(tmp_path) as url:
+        client = DICOMwebClient(f"{url}/dicom-web")
+        stored = client.store_instances(source + [seg, sc])
+        assert not stored.get("FailedSOPSequence") and len(stored.ReferencedSOPSequence) == len(files) + 2
+        series = {s["0020000E"]["Value"][0]: s["00080060"]["Value"][0] for s in client.search_for_series(study)}
+        assert series == {source[0].SeriesInstanceUID: "CT", seg.SeriesInstanceUID: "SEG", sc.SeriesInstanceUID: "OT"}
+        seg_meta = client.retrieve_series_metadata(study, seg.SeriesInstanceUID)[0]
+        assert seg_meta["00081115"]["Value"][0]["0020000E"]["Value"][0] == source[0].SeriesInstanceUID
+        seg_back = client.retrieve_instance(study, seg.SeriesInstanceUID, seg.SOPInstanceUID)
+        sc_back = client.retrieve_instance(study, sc.SeriesInstanceUID, sc.SOPInstanceUID)
+    _seg_equals_mask(seg_back, nib.load(out / f"{folder.name}_lesion.nii.gz"), files)
+    np.testing.assert_array_equal(sc_back.pixel_array, sc.pixel_array)
+    assert sc_back.SOPInstanceUID == sc.SOPInstanceUID and sc_back.PatientID == source[0].PatientID
+
+
+def test_dicom_batch_with_a_broken_series(tmp_path, weights_bundle):
+    """CLI run on a folder of series (one nested deeper): the series with a missing slice is reported and skipped,
+    the others get DICOM output (the default for DICOM input) and no NIfTI; no staging folder is left behind."""
+    batch = tmp_path / "batch"
+    for seed, name in enumerate(("a_series", "b_missing", "nested/c_series")):
+        ph = make_phantom(seed, shape=(32, 32, 16), spacing=(2.0, 2.0, 3.0))
+        write_series(batch / name, ph.image, axial_affine((2.0, 2.0, 3.0)))
+    (batch / "b_missing" / "IM0006").unlink()
+    out, tmp = tmp_path / "out", tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "scripts.screen", "--input", str(batch), "--output_dir", str(out), "--device", "cpu",
+         "--threshold", "0"],
+        cwd=weights_bundle, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "2", "TMPDIR": str(tmp)},
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["case"] for r in summary["reports"]] == ["a_series", "nested_c_series"] and summary["screened"] == 2
+    assert [f["image"] for f in summary["failed"]] == [str(batch / "b_missing")]
+    assert summary["failed"][0]["error"].startswith(
+        f"DicomSeriesError: DICOM series {batch / 'b_missing'}: 1 missing slice(s): gaps of a multiple of the 3 mm"
+    )
+    assert f"FAILED {batch / 'b_missing'}: DicomSeriesError" in proc.stderr and "2 screened, 1 failed" in proc.stdout
+    for rep in summary["reports"]:
+        case = rep["case"]
+        assert rep["lesion_voxels"] > 0 and rep["files"]["mask"] is None
+        assert rep["files"]["dicom_seg"] == str(out / f"{case}_lesion_seg.dcm")
+        assert pydicom.dcmread(rep["files"]["dicom_seg"]).Modality == "SEG"
+        assert pydicom.dcmread(rep["files"]["dicom_sc"]).Modality == "OT"
+        assert json.loads((out / f"{case}_report.json").read_text())["files"] == rep["files"]
+        assert not (out / f"{case}_lesion.nii.gz").exists()
+    assert not list(out.glob("b_missing*")) and list(tmp.iterdir()) == []
+
+
+def test_dicom_output_needs_uids_and_a_dicom_input(tmp_path, use_bundle):
+    """DICOM output of a series without UIDs, or of a NIfTI file, fails before screening, with the reason."""
+    ph = make_phantom(2, shape=(32, 32, 16), spacing=(2.0, 2.0, 3.0))
+    anonymous = tmp_path / "anonymous"
+    uids = {"StudyInstanceUID": "", "SeriesInstanceUID": "", "SOPInstanceUID": "", "FrameOfReferenceUID": None}
+    write_series(anonymous, ph.image, axial_affine((2.0, 2.0, 3.0)), **uids)
+    nifti = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(ph.image, ph.affine), str(nifti))
+    for path, output_format, error in (
+        (anonymous, None, f"DicomSeriesError: {anonymous}: cannot write DICOM output: the slices lack "
+                          "SOPInstanceUID, StudyInstanceUID, SeriesInstanceUID, FrameOfReferenceUID, which"),
+        (nifti, "both", f"ValueError: {nifti}: DICOM output needs a DICOM series as input; use --output_format nifti."),
+    ):  # fmt: skip
+        out = tmp_path / f"out_{path.name}"
+        assert _run(path, out, output_format=output_format) == 1
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["screened"] == 0 and summary["failed"][0]["error"].startswith(error)
+        assert sorted(p.name for p in out.iterdir()) == ["summary.json"]
+    with pytest.raises(ValueError, match="output_format must be one of nifti, dicom, both, got 'dcm'"):
+        _run(nifti, tmp_path / "out", output_format="dcm")
+
+
+def test_find_cases_in_a_folder_of_series(tmp_path):
+    root, out = tmp_path / "in", tmp_path / "in" / "out"
+    small = np.zeros((4, 4, 3))
+    first = write_series(root / "p1" / "ct", small, axial_affine((1, 1, 1)))
+    write_series(root / "p2" / "ct", small, axial_affine((1, 1, 1)))
+    for folder in (root / "labels", root / ".cache", out):
+        folder.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(small, np.eye(4)), str(root / "scan.nii.gz"))
+    nib.save(nib.Nifti1Image(small, np.eye(4)), str(root / "labels" / "scan.nii.gz"))  # a folder of volumes
+    (root / ".cache" / "x").write_text("hidden")
+    (out / "summary.json").write_text("{}")  # earlier results inside the input folder
+    assert find_cases(str(root), out) == [
+        {"image": str(root / "scan.nii.gz")},
+        {"image": str(root / "p1" / "ct"), "dicom_case": "p1_ct"},
+        {"image": str(root / "p2" / "ct"), "dicom_case": "p2_ct"},
+    ]
+    assert find_cases(str(root / "p1" / "ct"), out) == [{"image": str(root / "p1" / "ct"), "dicom_case": "ct"}]
+    assert find_cases(str(first[2]), out) == [{"image": str(first[2]), "dicom_case": "ct"}]
+    (root / "list.json").write_text(json.dumps({"testing": [{"image": "p2/ct"}, "scan.nii.gz"]}))
+    assert find_cases(str(root / "list.json"), out) == [
+        {"image": str(root / "p2" / "ct"), "dicom_case": "ct"},
+        {"image": str(root / "scan.nii.gz")},
+    ]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert find_cases(str(empty), out) == [{"image": str(empty), "dicom_case": "empty"}]
+    nib.save(nib.Nifti1Image(small, np.eye(4)), str(root / "p1_ct.nii.gz"))
+    with pytest.raises(ValueError, match=r"and .*p1/ct would both write the outputs 'p1_ct_\*'; rename one"):
+        find_cases(str(root), out)
 
 
 def test_bad_file_is_reported_and_batch_continues(tmp_path, weights_bundle):
@@ -259,10 +412,14 @@ def test_missing_input_and_datalist(tmp_path, use_bundle):
 @pytest.mark.realdata
 @pytest.mark.skipif(not REAL_DICOM.is_dir(), reason=f"real DICOM series not found at {REAL_DICOM}")
 def test_real_dicom_series(tmp_path, use_bundle):
+    """A compressed series without UIDs: screened to NIfTI; DICOM output (its default) is refused, with why."""
     files = sorted(p for p in REAL_DICOM.iterdir() if p.is_file())
     first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    assert _run(REAL_DICOM, tmp_path / "default") == 1
+    error = json.loads((tmp_path / "default" / "summary.json").read_text())["failed"][0]["error"]
+    assert error.startswith(f"DicomSeriesError: {REAL_DICOM}: cannot write DICOM output: the slices lack SOPClassUID")
     out = tmp_path / "out"
-    assert _run(REAL_DICOM, out) == 0
+    assert _run(REAL_DICOM, out, output_format="nifti") == 0
     case = REAL_DICOM.name
     mask_img = nib.load(out / f"{case}_lesion.nii.gz")
     assert mask_img.shape == (first.Columns, first.Rows, len(files))
