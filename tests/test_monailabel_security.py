@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import nibabel as nib
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -184,16 +185,25 @@ def test_only_the_admin_key_replaces_weights_and_only_with_a_checkpoint(keyed, t
 
 
 def test_the_key_never_reaches_the_logs(keyed):
-    """Item 6: `--conf api_key KEY` is logged by `monailabel start_server` before the app loads."""
+    """Item 6: `--conf api_key KEY` is logged by MONAI Label with the app conf before the app loads, and passed to
+    the training subprocess, which logs it again."""
     server, _, app, _ = keyed
-    httpx.post(f"{server.url}/train/gf_screen", json={"max_epochs": 1}, headers={"X-API-Key": KEY})
-    time.sleep(2)  # the training subprocess (it fails: no labels) logs the app conf
+    headers = {"X-API-Key": KEY}
+    assert httpx.post(f"{server.url}/train/gf_screen", json={"max_epochs": 1}, headers=headers).status_code == 200
+    trainer, deadline = None, time.time() + 60
+    while trainer is None and time.time() < deadline:
+        children = psutil.Process(server.process.pid).children(recursive=True)
+        trainer = next((c for c in children if "monailabel.interfaces.utils.app" in " ".join(c.cmdline())), None)
+        time.sleep(0.2)
+    assert trainer is not None
+    environment = "\n".join(trainer.environ().values()) + " ".join(trainer.cmdline())
+    assert "bundle_path" in environment and KEY not in environment
+    assert httpx.delete(f"{server.url}/train/", headers=headers).status_code == 200
+
     written = "".join(p.read_text(errors="replace") for p in (app / "logs").glob("*.log*"))
     assert "'api_key': '***'" in written and KEY not in written
-    served = httpx.get(f"{server.url}/logs/", params={"lines": 100000}, headers={"X-API-Key": KEY})
+    served = httpx.get(f"{server.url}/logs/", params={"lines": 100000}, headers=headers)
     assert served.status_code == 200 and "'api_key': '***'" in served.text and KEY not in served.text
-    details = httpx.get(f"{server.url}/train/", headers={"X-API-Key": KEY}).text
-    assert KEY not in details
 
 
 # --- keyless server ---------------------------------------------------------------------------------------------
@@ -364,9 +374,10 @@ def test_no_temporary_file_is_left_behind(site, tmp_path):
 
 
 def settled(folder: Path, timeout: float = 10) -> set[str]:
-    """The folder's listing once no result file is left in it: result files go once their response is sent."""
+    """The folder's listing once no temporary file is left in it (or after ``timeout`` s): result files and the
+    dataset zip go once their response has been sent."""
     deadline = time.time() + timeout
-    while any(name.endswith(".nii.gz") for name in listing(folder)) and time.time() < deadline:
+    while any(name.startswith(("tmp", "gf-screen-")) for name in listing(folder)) and time.time() < deadline:
         time.sleep(0.2)
     return listing(folder)
 
