@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import anyio
 import uvicorn
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from monailabel.config import settings
@@ -35,8 +35,8 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .errors import CLIENT_ERRORS, Unavailable
-from .validation import InvalidRequest, check_name, check_session_id
+from .errors import CLIENT_ERRORS, InvalidRequest
+from .validation import check_name, check_session_id
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +52,6 @@ ADMIN_ROUTES = (("PUT", "/model/"), ("DELETE", "/model/"))
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # Query parameters that MONAI Label turns into file or folder names in the datastore.
 NAME_PARAMS = ("image", "id", "tag", "label")
-# MONAI Label raises these for requests that lack an input, with status 500.
-CLIENT_ERROR_DETAILS = (
-    "Neither Image nor File not Session ID input is provided",
-    "DICOM SEG format is not supported in a non-DICOM datastore",
-)
 
 
 @dataclass(frozen=True)
@@ -295,11 +290,6 @@ def _monailabel_error(_: Request, e: MONAILabelException) -> JSONResponse:
     return _error(400 if bad_request else 500, e.msg)
 
 
-def _http_error(_: Request, e: HTTPException) -> JSONResponse:
-    status = 400 if e.status_code == 500 and e.detail in CLIENT_ERROR_DETAILS else e.status_code
-    return JSONResponse({"detail": e.detail}, status_code=status, headers=e.headers)
-
-
 def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
     # FastAPI's own handler echoes the input and fails to encode a non-finite number in it (a 500)
     problems = "; ".join(f"{'.'.join(map(str, err.get('loc', ())))}: {err.get('msg', '')}" for err in e.errors())
@@ -316,7 +306,6 @@ EXCEPTION_HANDLERS = {
     RequestValidationError: _validation_error,
     NotImplementedError: lambda _, e: _error(405, str(e) or "not supported by this datastore"),
     MONAILabelException: _monailabel_error,
-    HTTPException: _http_error,
     Exception: _unexpected_error,
 }
 
