@@ -1,9 +1,15 @@
-"""Unit checks of the MONAI Label app's validation, active-learning score and training set-up (no server)."""
+"""Unit checks of the MONAI Label app's validation, request parameters, archives, log masking, active-learning score
+and training set-up (no server)."""
 
 from __future__ import annotations
 
+import io
+import logging
 import shutil
 import sys
+import tarfile
+import uuid
+import zipfile
 
 import numpy as np
 import pytest
@@ -14,9 +20,21 @@ from monai.bundle import ConfigParser
 from monailabel_utils import APP_DIR, BUNDLE_DIR, save_nifti
 
 sys.path.insert(0, str(APP_DIR))
+from lib.errors import InvalidRequest, InvalidUpload  # noqa: E402
+from lib.logs import keep_out_of_logs  # noqa: E402
+from lib.params import Choice, Flag, Number, Text, check_params  # noqa: E402
 from lib.scoring.glance_uncertainty import glance_uncertainty  # noqa: E402
+from lib.sessions import extract_archive  # noqa: E402
 from lib.trainers.gf_screen import GFScreenTrain  # noqa: E402
-from lib.validation import InvalidRequest, InvalidUpload, check_image, check_label, check_name  # noqa: E402
+from lib.validation import (  # noqa: E402
+    ImageLimits,
+    check_image,
+    check_label,
+    check_name,
+    check_session_id,
+    image_id,
+    resampled_shape,
+)
 
 
 @pytest.mark.parametrize("name", ["case0", "1.2.840.113619.2.55", "CT_abdomen-01"])
@@ -86,3 +104,109 @@ def test_training_loads_gpu_saved_weights_on_a_cpu_only_server(tmp_path, monkeyp
     engine.run([0], max_epochs=1)
     for key, value in network.state_dict().items():
         torch.testing.assert_close(value, state[key])
+
+
+@pytest.mark.parametrize("name", ["a" * 129, "tab\there", "bell\x07"])
+def test_overlong_names_and_control_characters_fail(name):
+    with pytest.raises(InvalidRequest):
+        check_name(name, "image")
+
+
+def test_resampled_shape_is_the_world_extent_over_the_target_spacing():
+    # 32 x 32 x 16 voxels of 30 x 30 x 60 mm cover 960 mm each way: 640 x 640 x 320 voxels of 1.5 x 1.5 x 3 mm
+    assert resampled_shape((32, 32, 16), (30, 30, 60), np.eye(3).ravel(), (1.5, 1.5, 3.0)) == (640, 640, 320)
+    # axes 0 and 1 swapped in the world: world x spans 20 voxels x 2 mm = 40 mm, world y 10 x 1 mm = 10 mm
+    swapped = [[0, 1, 0], [1, 0, 0], [0, 0, 1]]
+    assert resampled_shape((10, 20, 5), (1, 2, 3), np.ravel(swapped), (1, 1, 1)) == (40, 10, 15)
+    assert resampled_shape((3, 3, 3), (1, 1, 1), np.eye(3).ravel(), (2, 2, 2)) == (2, 2, 2)  # 1.5 rounds up
+
+
+def test_image_limits_are_checked_from_the_header(tmp_path):
+    coarse = save_nifti(np.zeros((32, 32, 16), np.int16), np.diag([30.0, 30.0, 60.0, 1.0]), tmp_path / "c.nii.gz")
+    check_image(coarse, read_voxels=False, limits=ImageLimits(pixdim=(1.5, 1.5, 3.0), max_resampled_voxels=640**2 * 320))
+    with pytest.raises(InvalidUpload, match=r"\(640, 640, 320\)"):
+        check_image(coarse, limits=ImageLimits(pixdim=(1.5, 1.5, 3.0), max_resampled_voxels=640**2 * 320 - 1))
+    with pytest.raises(InvalidUpload, match="exceeds the limit"):
+        check_image(coarse, limits=ImageLimits(max_voxels=32 * 32 * 16 - 1))
+
+
+def test_declared_params():
+    declared = {"n": Number(1, 10, integer=True), "f": Number(0.0, 0.9), "on": Flag(), "dev": Choice(("cpu",), many=True),
+                "id": Text(nullable=True)}
+    ok = {"n": 3, "f": 0.5, "on": False, "dev": ["cpu"], "id": None}
+    assert check_params(ok, declared, "task") == ok
+    assert check_params(None, declared, "task") == {}
+    for bad in ({"other": 1}, {"n": "3"}, {"n": True}, {"n": 3.0}, {"n": 11}, {"n": None}, {"f": 2.0},
+                {"f": float("nan")}, {"on": "true"}, {"dev": "gpu"}, {"dev": ["cpu", "gpu"]}, {"id": "a\0b"},
+                {"id": "x" * 200}):
+        with pytest.raises(InvalidRequest):
+            check_params(bad, declared, "task")
+    with pytest.raises(InvalidRequest, match="JSON object"):
+        check_params([1], declared, "task")
+
+
+def test_image_ids_keep_the_whole_file_name():
+    assert image_id("1.2.840.1001.nii.gz") == "1.2.840.1001"
+    assert image_id("/some/where/CT.NRRD") == "CT"
+    with pytest.raises(InvalidUpload):
+        image_id("notes.txt")
+
+
+def test_session_ids_are_uuids():
+    session = str(uuid.uuid1())
+    assert check_session_id(session) == session
+    for bad in ("..", "../x", "/tmp", "", "0" * 32 + "/"):
+        with pytest.raises(InvalidRequest):
+            check_session_id(bad)
+
+
+def _tar(path, files=None, links=None):
+    with tarfile.open(path, "w") as tar:
+        for name, target in (links or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            tar.addfile(info)
+        for name, data in (files or {}).items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_archives_unpack_inside_their_folder_or_not_at_all(tmp_path):
+    good = _tar(tmp_path / "good.tar", {"series/a.dcm": b"a", "series/b.dcm": b"bb"})
+    extract_archive(good, tmp_path / "out", max_bytes=10)
+    assert (tmp_path / "out" / "series" / "b.dcm").read_bytes() == b"bb"
+    with zipfile.ZipFile(tmp_path / "good.zip", "w") as z:
+        z.writestr("x/a.dcm", b"a")
+    extract_archive(tmp_path / "good.zip", tmp_path / "zout", max_bytes=10)
+    assert (tmp_path / "zout" / "x" / "a.dcm").read_bytes() == b"a"
+
+    with zipfile.ZipFile(tmp_path / "up.zip", "w") as z:
+        z.writestr("../up.txt", b"x")
+    bad = [
+        _tar(tmp_path / "up.tar", {"../up.txt": b"x"}),
+        _tar(tmp_path / "abs.tar", {str(tmp_path / "abs.txt"): b"x"}),
+        _tar(tmp_path / "link.tar", {"ln/through.txt": b"x"}, links={"ln": str(tmp_path)}),
+        _tar(tmp_path / "big.tar", {"a": b"x" * 11}),
+        tmp_path / "up.zip",
+    ]
+    for archive in bad:
+        with pytest.raises(InvalidUpload):
+            extract_archive(archive, tmp_path / "bad", max_bytes=10)
+    assert not (tmp_path / "up.txt").exists() and not (tmp_path / "abs.txt").exists()
+    assert not (tmp_path / "through.txt").exists()
+
+
+def test_secrets_are_masked_in_log_records_and_files(tmp_path):
+    (tmp_path / "app.log").write_text("USING:: conf = [['api_key', 's3cret']]\n")
+    handler = logging.StreamHandler(io.StringIO())
+    logger = logging.getLogger("gf_screen_redact_test")
+    logger.addHandler(handler)
+    try:
+        keep_out_of_logs(["s3cret"], tmp_path)
+        logger.warning("conf: %s", {"api_key": "s3cret"})
+    finally:
+        logger.removeHandler(handler)
+    assert handler.stream.getvalue() == "conf: {'api_key': '***'}\n"
+    assert (tmp_path / "app.log").read_text() == "USING:: conf = [['api_key', '***']]\n"

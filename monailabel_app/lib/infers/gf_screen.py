@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import os
+import shutil
 import sys
 import threading
 import time
@@ -15,13 +17,15 @@ from typing import Any
 import numpy as np
 import torch
 from monai.inferers import Inferer
+from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import CallBackTypes
 from monailabel.tasks.infer.bundle import BundleInferTask
+from monailabel.utils.others.generic import file_checksum
 
-from ..validation import InvalidUpload, check_image
-
-IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+from ..errors import InvalidUpload, Unavailable
+from ..params import Choice, Flag, Param, device_choice
+from ..validation import IMAGE_EXTENSIONS, ImageLimits, check_image
 
 
 @contextmanager
@@ -41,17 +45,30 @@ class GFScreenInfer(BundleInferTask):
     wrapped by ``LoadImageTensord`` and still runs, ``SaveImaged`` is dropped from the postprocessing (MONAI Label
     writes the label), and the bundle's ``Invertd`` puts the mask back on the input grid before ``Restored``.
     Added here: the screening report (verdict, lesions, kept fraction of Glance windows, timings) in the result
-    JSON; a uint8 label; unreadable or oversized inputs reported as :class:`InvalidUpload` (HTTP 422) instead of a
-    bare 500; and one inference at a time, because the bundle's parsed inferer (which records the Glance windows
-    of its last call) and MONAI Label's ``sys.path`` handling are shared state.
+    JSON; a uint8 label; unreadable inputs, or inputs over ``limits`` (checked from the header, before reading),
+    reported as :class:`InvalidUpload` (HTTP 422) instead of a bare 500 or gigabytes of memory; the request
+    parameters it takes (:attr:`params`); and one inference at a time, because the bundle's parsed inferer (which
+    records the Glance windows of its last call) and MONAI Label's ``sys.path`` handling are shared state.
     """
 
-    def __init__(self, path: str, conf: dict[str, str], **kwargs: Any) -> None:
+    def __init__(self, path: str, conf: dict[str, str], limits: ImageLimits = ImageLimits(), **kwargs: Any) -> None:
         super().__init__(path, conf, type=InferType.SEGMENTATION, **kwargs)
+        self.limits = limits
         self._lock = threading.Lock()
         self._inferer: Inferer | None = None
         with bundle_on_path(path):
             self._build_report: Callable[..., dict] = importlib.import_module("scripts.report").build_report
+        self.params: dict[str, Param] = {
+            "device": device_choice(),
+            "model_filename": Choice(tuple(self._config.get("model_filename", ())), many=True),  # files in models/
+            "save_label": Flag(),
+            "label_tag": Choice((DefaultLabelTag.ORIGINAL.value,)),  # model output never takes an annotator's tag
+            "result_extension": Choice(IMAGE_EXTENSIONS),
+            "result_dtype": Choice(("uint8", "uint16")),
+            "result_compress": Flag(),
+            "restore_label_idx": Flag(),  # sent by OHIF; the label is 0/1 either way
+            "logging": Choice(("DEBUG", "INFO", "WARNING", "ERROR")),
+        }
 
     @property
     def threshold(self) -> float:
@@ -60,7 +77,25 @@ class GFScreenInfer(BundleInferTask):
 
     def __call__(self, request: dict, callbacks: dict[CallBackTypes, Any] | None = None) -> tuple[Any, dict]:
         with self._lock:
+            # without weights MONAI Label would run the network as initialised, at random
+            if self.get_path() is None:
+                raise Unavailable("the model weights are missing; an admin can upload them (PUT /model/gf_screen)")
             return super().__call__(request, callbacks)
+
+    def replace_weights(self, checkpoint: str) -> dict[str, Any]:
+        """Serve the weights in ``checkpoint`` from the next inference on, if they load strictly into this
+        network (:class:`InvalidUpload` otherwise); returns their checksum and time stamp."""
+        try:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            state = state.get(self.model_state_dict, state) if isinstance(state, dict) else state
+            copy.deepcopy(self.network).load_state_dict(state, strict=True)
+        except Exception as e:
+            raise InvalidUpload(f"{Path(checkpoint).name}: not a GF-Screen checkpoint ({_root_cause(e)})") from e
+        target = self.get_path(validate=False)
+        with self._lock:
+            shutil.copyfile(checkpoint, f"{target}.upload")
+            os.replace(f"{target}.upload", target)
+        return {"checksum": file_checksum(target), "modified_time": int(os.stat(target).st_mtime)}
 
     def inferer(self, data: dict | None = None) -> Inferer:
         self._inferer = super().inferer(data)
@@ -68,8 +103,8 @@ class GFScreenInfer(BundleInferTask):
 
     def run_pre_transforms(self, data: dict[str, Any], transforms: Sequence[Callable]) -> dict[str, Any]:
         image = data.get("image")
-        if isinstance(image, str) and os.path.isfile(image):
-            check_image(image, read_voxels=False)
+        if isinstance(image, str) and os.path.exists(image):
+            check_image(image, read_voxels=False, limits=self.limits)
         start = time.perf_counter()
         try:
             data = super().run_pre_transforms(data, transforms)

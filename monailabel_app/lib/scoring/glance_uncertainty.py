@@ -14,6 +14,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 from ..infers.gf_screen import GFScreenInfer
+from ..params import Param, device_choice
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +41,13 @@ class GlanceUncertaintyScoring(ScoringMethod):
     the number of windows it would keep and the weights' time stamp in the image's datastore info.
 
     Images already scored with the current weights are skipped; an image that fails is logged and skipped, so one
-    corrupt file cannot stop the job (NOTES.md §6.7).
+    corrupt file cannot stop the job. Requests take only :attr:`params`.
     """
 
     def __init__(self, task: GFScreenInfer, top_fraction: float = 0.1) -> None:
         super().__init__("Glance uncertainty: how close the Glance's window probabilities sit to its keep threshold")
         self.task, self.top_fraction = task, top_fraction
+        self.params: dict[str, Param] = {"device": device_choice()}
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         device = request.get("device", "cpu")

@@ -11,9 +11,12 @@ from typing import Any
 
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.bundle import BundleTrainTask
+from monailabel.utils.others.generic import device_list
 
+from ..errors import InvalidRequest
 from ..infers.gf_screen import bundle_on_path
-from ..validation import InvalidRequest
+from ..params import Flag, Number, Param, device_choice
+from ..validation import ImageLimits, check_image
 
 logger = logging.getLogger(__name__)
 
@@ -25,30 +28,37 @@ class GFScreenTrain(BundleTrainTask):
     an earlier request's finished run and train nothing). At least one labelled image is held out for validation,
     whose best epoch the bundle saves as ``models/model.pt``; the infer task reloads it on its next call. Every
     image with a final label counts, an all-background label marking a lesion-free scan (valid training data).
-    Cases whose files are unreadable or whose label does not match the image are logged and left out.
+    Cases whose files are unreadable, over ``limits`` or whose label does not match the image are logged and left
+    out. The request takes only :attr:`params` (MONAI Label's also take file names and an MLflow URI), and
+    :meth:`config` offers exactly those.
     """
 
-    def __init__(self, path: str, conf: dict[str, str], max_epochs_limit: int = 100, **kwargs: Any) -> None:
+    def __init__(
+        self, path: str, conf: dict[str, str], limits: ImageLimits = ImageLimits(), max_epochs_limit: int = 100,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(path, conf, **kwargs)
-        self.max_epochs_limit = max_epochs_limit
+        self.limits = limits
+        self.params: dict[str, Param] = {
+            "device": device_choice(),
+            "max_epochs": Number(1, max_epochs_limit, integer=True),
+            "val_split": Number(0.0, 0.9),
+            "multi_gpu": Flag(),
+        }
         with bundle_on_path(path):
             self._check_case = importlib.import_module("scripts.data").check_case
 
     def config(self) -> dict[str, Any]:
-        options = super().config()
-        options.update({"max_epochs": 10, "val_split": 0.2, "multi_gpu": False})
-        return options
+        return {"device": device_list(), "max_epochs": 10, "val_split": 0.2, "multi_gpu": False}
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict:
-        max_epochs = int(request.get("max_epochs", 10))
-        if not 1 <= max_epochs <= self.max_epochs_limit:
-            raise InvalidRequest(f"max_epochs must be in [1, {self.max_epochs_limit}], got {max_epochs}")
-        return super().__call__({**request, "max_epochs": max_epochs}, datastore)
+        return super().__call__({**self.config(), **request}, datastore)
 
     def _fetch_datalist(self, request: dict[str, Any], datastore: Datastore) -> list[dict[str, str]]:
         usable = []
         for case in super()._fetch_datalist(request, datastore):
             try:
+                check_image(case["image"], read_voxels=False, limits=self.limits)
                 self._check_case(case)
                 usable.append(case)
             except ValueError as e:
