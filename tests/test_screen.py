@@ -292,7 +292,7 @@ def test_dicom_batch_with_a_broken_series(tmp_path, weights_bundle):
     tmp.mkdir()
     proc = subprocess.run(
         [sys.executable, "-m", "scripts.screen", "--input", str(batch), "--output_dir", str(out), "--device", "cpu",
-         "--threshold", "0"],
+         "--threshold", "0", "--min_lesion_peak", "0.5"],
         cwd=weights_bundle, capture_output=True, text=True, timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "2", "TMPDIR": str(tmp)},
     )  # fmt: skip
