@@ -4,12 +4,14 @@ names, paths that must stay inside the studies folder, and the headers and voxel
 from __future__ import annotations
 
 import gzip
+import re
 import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 APP_DIR = Path(__file__).resolve().parents[1] / "monailabel_app"
 sys.path.append(str(APP_DIR))  # appended, so that a copy of lib/ put first on sys.path (a mutation run's) is used
@@ -90,7 +92,7 @@ def test_check_inside_accepts_paths_inside_and_returns_the_real_path(studies):
 def test_check_inside_refuses_a_sibling_that_shares_the_prefix(studies):
     evil = studies.parent / "studies_evil"
     for outside in (evil, evil / "labels", studies / ".." / "studies_evil" / "labels", studies.parent):
-        with pytest.raises(InvalidRequest, match="leaves the studies folder"):
+        with pytest.raises(InvalidRequest, match=f"label tag {re.escape(repr(str(outside)))} leaves the studies folder"):
             check_inside(outside, studies, "label tag")
 
 
@@ -132,6 +134,23 @@ def test_forged_oversize_header_is_refused_before_any_voxel_is_read(tmp_path, sh
 def test_images_that_are_not_single_channel_3d_volumes_are_refused(tmp_path, array, message):
     with pytest.raises(InvalidUpload, match=message):
         check_image(_nifti(tmp_path / "x.nii.gz", array))
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+def test_other_formats_are_read_through_itk(tmp_path, suffix):
+    voxels = np.arange(np.prod(SHAPE), dtype=np.int16).reshape(SHAPE)
+    sitk.WriteImage(sitk.GetImageFromArray(voxels), str(tmp_path / f"ct{suffix}"))
+    np.testing.assert_array_equal(check_image(tmp_path / f"ct{suffix}"), voxels)
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_truncated_voxel_data_is_refused(tmp_path, suffix):
+    """The header is intact, half of the voxels are missing: refused, not zero-filled."""
+    noise = np.random.default_rng(0).integers(-1000, 1000, SHAPE, dtype=np.int16)
+    full = _nifti(tmp_path / f"full{suffix}", noise).read_bytes()
+    (tmp_path / f"cut{suffix}").write_bytes(full[: len(full) // 2])
+    with pytest.raises(InvalidUpload, match="cannot be read"):
+        check_image(tmp_path / f"cut{suffix}")
 
 
 def test_valid_image_returns_its_voxels_and_garbage_is_refused(tmp_path):
