@@ -116,3 +116,21 @@ def test_sample_actions_follow_policy():
     a = grpo.sample_actions(logits, generator=g).float()
     assert a[:2000].mean().item() == pytest.approx(0.9, abs=0.03)
     assert a[2000:].mean().item() == pytest.approx(0.1, abs=0.03)
+
+
+def test_sample_actions_use_the_given_generator_only():
+    """Seeded sampling is reproducible and leaves the global RNG alone (a run's other draws stay as they were)."""
+    logits = torch.cat([logits_for(0.5)] * 64)
+    state = torch.get_rng_state()
+    first = grpo.sample_actions(logits, generator=torch.Generator().manual_seed(3))
+    second = grpo.sample_actions(logits, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(first, second) and 0 < int(first.sum()) < 64
+
+
+def test_dice_reward_of_a_one_voxel_lesion():
+    mask = torch.zeros(2, 1, 4, 4, 4)
+    mask[:, 0, 1, 1, 1] = 1
+    seg = mask.clone()
+    seg[1, 0, 2, 2, 2] = 1  # found, plus one false-positive voxel: Dice 2 * 1 / (2 + 1)
+    assert grpo.dice_reward(seg, mask, torch.tensor([1, 1])).tolist() == pytest.approx([1.0, 2 / 3])

@@ -212,3 +212,40 @@ def test_grid_count_matches_itertools():
     starts = {tuple(w["start"]) for w in inferer.last_windows[0]}
     expected = set(itertools.product([0, 8, 16, 24], [0, 8, 16, 20], [0, 4]))
     assert starts == expected
+
+
+def test_a_window_at_exactly_the_threshold_reaches_the_focus():
+    """Kept means p(keep) >= threshold: with the threshold set to one window's own p(keep), that window is
+    segmented and recorded as kept, and the Focus sees exactly the windows at or above it."""
+    net = _net()
+    x = _image()
+    probe = GlanceFocusInferer(ROI, sw_batch_size=4, overlap=0.5, threshold=0.0)
+    probe(x, net)
+    probs = sorted(w["prob"] for w in probe.last_windows[0])
+    threshold = probs[len(probs) // 2]
+    net.focus.windows = 0
+    inferer = GlanceFocusInferer(ROI, sw_batch_size=4, overlap=0.5, threshold=threshold)
+    inferer(x, net)
+    assert net.focus.windows == sum(p >= threshold for p in probs) == len(probs) - len(probs) // 2
+    at_threshold = [w for w in inferer.last_windows[0] if w["prob"] == threshold]
+    assert at_threshold and all(w["kept"] for w in at_threshold)
+
+
+def test_each_volume_of_a_batch_focuses_the_windows_its_own_glance_kept():
+    """Two different volumes in one batch: each is segmented on its own kept windows, as if screened alone."""
+    a = _image((1, 1, 48, 32, 16), seed=1) * 0.1
+    a[..., 32:, :, :] += 0.9  # bright at high x
+    b = _image((1, 1, 48, 32, 16), seed=2) * 0.1
+    b[..., :16, :, :] += 0.9  # bright at low x
+    net = _net(MeanGlance(c=0.3))
+    inferer = GlanceFocusInferer(ROI, sw_batch_size=4, overlap=0.5, threshold=0.5, mode="constant")
+    alone = []
+    for volume in (a, b):
+        alone.append((inferer(volume, net), [w["kept"] for w in inferer.last_windows[0]]))
+    assert alone[0][1] != alone[1][1]  # the two volumes keep different windows
+    net.focus.windows = 0
+    out = inferer(torch.cat([a, b]), net)
+    assert net.focus.windows == sum(alone[0][1]) + sum(alone[1][1])
+    for i, (single, kept) in enumerate(alone):
+        assert [w["kept"] for w in inferer.last_windows[i]] == kept
+        torch.testing.assert_close(out[i : i + 1], single, rtol=1e-5, atol=1e-6)

@@ -324,3 +324,55 @@ def test_lesion_reach_in_case_records_and_summary():
     # without window records there is nothing to reach: no key, no made-up number
     assert "reached" not in evaluate_case(EMPTY, gt, (5.0, 5.0, 5.0))["lesions"][0]
     assert "glance_roc" not in summarise_cases([evaluate_case(EMPTY, gt, (5.0, 5.0, 5.0))])
+
+
+def test_nsd_is_kept_at_a_dsc_of_exactly_the_floor():
+    """FLARE zeroes NSD *below* DSC 0.2: one voxel inside a 9-voxel lesion (DSC 2/10) keeps its NSD."""
+    gt, pred = cube((7, 7, 7), (2, 2, 3), (3, 3, 1)), cube((7, 7, 7), (3, 3, 3), (1, 1, 1))
+    assert flare_dsc(pred, gt) == 0.2
+    raw = compute_surface_dice(torch.from_numpy(pred)[None, None], torch.from_numpy(gt)[None, None], [2.0], include_background=True)
+    assert raw.item() == 1.0  # every surface point is within 2 mm of the other surface
+    assert flare_nsd(pred, gt, (1, 1, 1)) == 1.0
+
+
+def test_recall_by_size_bins_include_their_lower_edge_only():
+    records = [{"volume_ml": v, "detected": d} for v, d in ((0.0, True), (1.0, False), (5.0, True), (4.999, True))]
+    result = recall_by_size(records)
+    assert [result[k]["total"] for k in ("0-1", "1-5", "5-inf")] == [1, 2, 1]
+    assert result["1-5"] == {"recall": 0.5, "detected": 1, "total": 2}
+
+
+def test_lesion_reach_follows_the_kept_flag_not_the_probability():
+    """At a run threshold of 0.3 a window of p 0.4 is kept; at 0.7 one of p 0.6 is not: reach is what was kept."""
+    from scripts.metrics import lesion_reach
+
+    gt = cube(lo=(1, 1, 1), size=(2, 2, 2)) | cube(lo=(5, 5, 5), size=(5, 5, 5))
+    kept_low = {"start": [0, 0, 0], "size": [4, 4, 4], "prob": 0.4, "kept": True}
+    discarded_high = {"start": [5, 5, 5], "size": [5, 5, 5], "prob": 0.6, "kept": False}
+    assert lesion_reach(gt, [kept_low, discarded_high]) == [
+        {"reached": True, "window_prob": 0.4}, {"reached": False, "window_prob": 0.6}]
+
+
+def test_glance_operating_point_keeps_a_threshold_that_discards_exactly_the_target():
+    """Lesion-free p .1 .2 .4 .5 .7: threshold .5 discards exactly 60 %, so it stays .5 (not just above it) and the
+    lesion window at exactly .5 counts as kept."""
+    from scripts.metrics import glance_operating_point
+
+    scores = [[0.9, True], [0.5, True], [0.3, True], [0.1, False], [0.2, False], [0.4, False], [0.5, False], [0.7, False]]
+    out = glance_operating_point(scores)
+    assert out["threshold"] == 0.5 and out["sensitivity"] == pytest.approx(2 / 3)
+
+
+def test_lesions_reached_at_the_operating_point_include_a_lesion_at_exactly_its_threshold():
+    from scripts.metrics import evaluate_case, summarise_cases
+
+    gt = cube(lo=(1, 1, 1), size=(2, 2, 2)) | cube(lo=(5, 5, 5), size=(5, 5, 5))
+    windows = [
+        {**_window((0, 0, 0), (4, 4, 4), False), "prob": 0.4, "has_lesion": True},  # lesion A, p at the threshold
+        {**_window((5, 5, 5), (5, 5, 5), False), "prob": 0.3, "has_lesion": True},  # lesion B, below it
+        *({**_window((0, 5, 0), (2, 2, 2), False), "prob": p, "has_lesion": False} for p in (0.1, 0.2, 0.4)),
+    ]
+    summary = summarise_cases([evaluate_case(EMPTY, gt, (1.0, 1.0, 1.0), windows)])
+    # lesion-free .1 .2 .4: the 0.6 quantile ('higher') is .4, which discards 2 of 3 (>= 60 %)
+    assert summary["glance_roc"]["threshold"] == 0.4
+    assert summary["glance_roc"]["lesion_reach"] == 0.5

@@ -10,6 +10,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 from PIL import Image
+from scipy import ndimage
 
 import scripts.report
 from scripts.handlers import ScreeningReportHandler
@@ -140,3 +141,72 @@ def test_overview_draws_the_saved_mask_on_the_model_grid(tmp_path, monkeypatch):
     assert drawn["mask"].shape == drawn["hu"].shape == (20, 20, 10)
     assert set(map(tuple, np.argwhere(drawn["mask"])[:, :2])) == {(x, y) for x in range(4, 8) for y in range(4, 8)}
     assert set(np.argwhere(drawn["mask"])[:, 2]) == {2, 3, 4}
+
+
+def _two_blob_ct() -> tuple[np.ndarray, np.ndarray]:
+    """Tissue ellipse in air with two 8x8x6-voxel blobs at distinct grey levels of the soft-tissue window: the
+    lesion (140 HU, grey 191) on the low-x side and a lesion-free landmark (200 HU, grey 229) on the high-x side."""
+    shape = (48, 40, 16)
+    x, y = np.meshgrid(np.linspace(-1, 1, shape[0]), np.linspace(-1, 1, shape[1]), indexing="ij")
+    ct = np.repeat(np.where(x**2 + y**2 < 0.8, 40.0, -1000.0)[..., None], shape[2], axis=2)
+    ct[8:16, 14:22, 5:11] = 140.0
+    ct[30:38, 14:22, 5:11] = 200.0
+    return ct, (ct == 140.0).astype(np.uint8)
+
+
+def _render_views(tmp_path, monkeypatch, name, ct, mask, heat) -> list[np.ndarray]:
+    """Render the overview and return the RGB pixels of its axial, coronal and sagittal panels (found from the
+    axes the figure drew them in)."""
+    drawn = []
+    show = scripts.report._show
+    monkeypatch.setattr(scripts.report, "_show", lambda ax, *a, **k: drawn.append(ax) or show(ax, *a, **k))
+    affine = np.diag([-0.8, -0.8, 5.0, 1.0])  # LPS-style flips: the views must reorient CT, mask and heat alike
+    with Image.open(render_overview(ct, mask, heat, affine, tmp_path / f"{name}.png")) as png:
+        pixels = np.asarray(png.convert("RGB")).astype(int)
+    panels = []
+    for ax in drawn[:3]:
+        box = ax.get_window_extent()  # display pixels, y up
+        rows = slice(int(np.ceil(pixels.shape[0] - box.y1)), int(pixels.shape[0] - box.y0))
+        panels.append(pixels[rows, int(np.ceil(box.x0)) : int(box.x1)])
+    return panels
+
+
+def _grey_blob(panel: np.ndarray, level: int, tol: int = 2) -> np.ndarray:
+    """The largest connected region of grey ``level`` (+-``tol``) in a panel, as a boolean mask."""
+    grey = (np.ptp(panel, axis=-1) <= 2) & (np.abs(panel[..., 0] - level) <= tol)
+    labels, count = ndimage.label(grey)
+    assert count, f"no grey {level} in the panel"
+    return labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
+
+
+def _box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    rows, cols = np.nonzero(mask)
+    return rows.min(), rows.max(), cols.min(), cols.max()
+
+
+def test_overview_draws_the_contour_around_the_lesion(tmp_path, monkeypatch):
+    ct, mask = _two_blob_ct()
+    for panel in _render_views(tmp_path, monkeypatch, "contour", ct, mask, None):
+        lesion = _grey_blob(panel, 191, tol=31)  # the lesion's own CT pixels, closer to 191 than to tissue and landmark
+        lime = (panel[..., 1] > 180) & (panel[..., 0] < 100) & (panel[..., 2] < 100)
+        assert lime.sum() > 50
+        r0, r1, c0, c1 = _box(lesion)
+        l0, l1, k0, k1 = _box(lime)
+        # the contour hugs the lesion, within 3 px of its edges on every side, and is drawn nowhere else
+        assert abs(l0 - r0) <= 3 and abs(l1 - r1) <= 3 and abs(k0 - c0) <= 3 and abs(k1 - c1) <= 3, (_box(lesion), _box(lime))
+
+
+def test_overview_heat_map_differs_where_p_keep_differs(tmp_path, monkeypatch):
+    """Two heat maps that differ only on the lesion's half of the volume change only that half of the axial view."""
+    ct, mask = _two_blob_ct()
+    low = np.full(ct.shape, 0.2, np.float32)
+    high_on_lesion = low.copy()
+    high_on_lesion[:24] = 0.9
+    plain, a, b = (_render_views(tmp_path, monkeypatch, name, ct, mask, heat)[0]
+                   for name, heat in (("plain", None), ("low", low), ("high", high_on_lesion)))
+    inside = lambda blob: ndimage.binary_erosion(blob, iterations=4)  # noqa: E731 (away from the contour)
+    lesion, landmark = inside(_grey_blob(plain, 191)), inside(_grey_blob(plain, 229))
+    assert lesion.sum() > 200 and landmark.sum() > 200
+    assert np.abs(b[lesion] - a[lesion]).max(axis=-1).min() > 20  # p .9 against .2: every pixel changes
+    assert np.abs(b[landmark] - a[landmark]).max() <= 2  # p .2 in both: unchanged
+    assert np.abs(a[landmark] - plain[landmark]).max(axis=-1).min() > 5  # and p .2 is drawn at all

@@ -10,7 +10,9 @@ from monai.engines.utils import IterationEvents
 from monai.handlers import CheckpointSaver
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
+from torch import nn
 
+from scripts import grpo
 from scripts.networks import GlanceFocusNet, GlanceNet
 from scripts.trainer import LOG_KEYS, GRPOTrainer, ReferencePolicyRefresh, log_terms, resume_latest
 
@@ -36,19 +38,59 @@ def _batch(n_windows: int = 2 * GROUP, seed: int = 0) -> dict:
     return {"image": image, "label": label}
 
 
-def _trainer(net, batches, max_epochs=1, **kwargs) -> GRPOTrainer:
+def _trainer(net, batches, max_epochs=1, optimizer=None, **kwargs) -> GRPOTrainer:
     kwargs.setdefault("group_size", GROUP)
     return GRPOTrainer(
         device=torch.device("cpu"),
         max_epochs=max_epochs,
         train_data_loader=batches,
         network=net,
-        optimizer=torch.optim.AdamW(net.parameters(), lr=1e-2),
+        optimizer=optimizer or torch.optim.AdamW(net.parameters(), lr=1e-2),
         loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
         decollate=False,
         amp=False,
         **kwargs,
     )
+
+
+class BrightFocus(nn.Module):
+    """A Focus that marks voxels brighter than 0.5 as lesion: it finds exactly the lesions that are bright."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.tensor(20.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.gain * (x - 0.5)
+        return torch.cat([-z, z], 1)
+
+
+def _windows(kinds: str, seed: int = 0) -> dict:
+    """One 16^3 window per letter: "L" a bright labelled lesion (BrightFocus finds it), "M" a labelled lesion as
+    dark as the background (BrightFocus misses it), "F" lesion-free."""
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(len(kinds), 1, *WINDOW, generator=g) * 0.2
+    label = torch.zeros(len(kinds), 1, *WINDOW)
+    for i, kind in enumerate(kinds):
+        label[i, :, 4:10, 4:10, 4:10] = float(kind in "LM")
+        image[i, :, 4:10, 4:10, 4:10] += 0.8 * (kind == "L")
+    return {"image": image, "label": label}
+
+
+def _fixed_actions(monkeypatch, actions: list[int]) -> None:
+    """Replace the policy's sampling by ``actions`` (keep = 1), so rewards and advantages are known in advance."""
+
+    def sample(glance_logits, generator=None):
+        assert glance_logits.shape == (len(actions), 2)
+        return torch.tensor(actions)
+
+    monkeypatch.setattr(grpo, "sample_actions", sample)
+
+
+def _p_keep(glance: nn.Module, image: torch.Tensor) -> torch.Tensor:
+    """p(keep) per window as the trainer computes it (training mode: batch statistics)."""
+    with torch.no_grad():
+        return glance.train()(image).softmax(-1)[:, 1]
 
 
 def _equal(a: dict, b: dict) -> bool:
@@ -264,3 +306,82 @@ def test_glance_context_crops_feed_the_centre_window_to_the_focus():
         assert torch.allclose(glance(x), full[:, :, 1:-1, 1:-1, 1:-1].mean((2, 3, 4)))
     with pytest.raises(ValueError, match="multiples"):
         GlanceNet(1, context=(3, 0, 0))
+
+
+def test_reward_advantage_and_ce_are_wired_per_scan_from_the_actions_taken(monkeypatch):
+    """Two scans of four windows with known actions: the reward of each window follows from the Focus prediction,
+    the label and the action taken; advantages are relative within each scan; the CE label is "holds a lesion"."""
+    batch = _windows("LFMF" "FLFL")
+    actions = [1, 1, 0, 0, 1, 0, 0, 0]
+    _fixed_actions(monkeypatch, actions)
+    seen = {}
+    real_loss = grpo.grpo_loss
+
+    def spy(glance_logits, ref_logits, acts, advantage, eps, beta):
+        seen.update(actions=acts.clone(), advantage=advantage.clone())
+        return real_loss(glance_logits, ref_logits, acts, advantage, eps, beta)
+
+    monkeypatch.setattr(grpo, "grpo_loss", spy)
+    torch.manual_seed(0)
+    net = GlanceFocusNet(GlanceNet(1, downsample=2, channels=(4, 8, 8), strides=(2, 2, 1)), BrightFocus())
+    glance_before = copy.deepcopy(net.glance)
+    trainer = _trainer(net, [batch], alpha=0.1)
+    trainer.run()
+    out = trainer.state.output
+
+    # recomputed here from the prediction, the label and the actions: keeping earns 1 where the prediction touches
+    # the lesion, discarding earns 1 where there is no lesion
+    pred, label = out["pred"].detach().argmax(1) > 0, out["label"][:, 0] > 0
+    found, lesion = (pred & label).flatten(1).any(1), label.flatten(1).any(1)
+    reward = torch.where(torch.tensor(actions).bool(), found, ~lesion).float()
+    assert reward.tolist() == [1, 0, 0, 1, 0, 0, 1, 0]  # L kept, F kept, M discarded, F discarded | F kept, L, F, L
+    assert float(out["reward"]) == pytest.approx(3 / 8)
+    # scan 1: mean 1/2, std 1/2; scan 2: mean 1/4, std sqrt(3)/4
+    expected = [1.0, -1.0, -1.0, 1.0, -1 / 3**0.5, -1 / 3**0.5, 3**0.5, -1 / 3**0.5]
+    assert seen["actions"].tolist() == actions
+    assert seen["advantage"].tolist() == pytest.approx(expected, abs=1e-5)
+    # the CE term is the balanced CE of the Glance's logits against "window holds a lesion"
+    ce = grpo.balanced_ce(glance_before.train()(batch["image"]), grpo.window_has_lesion(batch["label"]))
+    torch.testing.assert_close(out["glance_ce"], ce.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_one_step_with_positive_advantage_on_kept_lesion_windows_raises_their_p_keep(monkeypatch):
+    """GRPO alone (alpha 0), one SGD step on two identical scans: keeping a found lesion (A > 0) and discarding a
+    lesion-free window (A > 0) are reinforced, keeping a lesion-free window and discarding a lesion (A < 0) are
+    penalised, so p(keep) rises on every lesion window and falls on every lesion-free one."""
+    batch = _windows("LFFL" "LFFL")
+    _fixed_actions(monkeypatch, [1, 1, 0, 0] * 2)  # rewards 1, 0, 1, 0 per scan: A = +1, -1, +1, -1
+    torch.manual_seed(0)
+    net = GlanceFocusNet(GlanceNet(1, downsample=2, channels=(4, 8, 8), strides=(2, 2, 1)), BrightFocus())
+    before = _p_keep(net.glance, batch["image"])
+    trainer = _trainer(net, [batch], alpha=0.0, optimizer=torch.optim.SGD(net.parameters(), lr=0.05))
+    trainer.run()
+    change = _p_keep(net.glance, batch["image"]) - before
+    lesion = torch.tensor([True, False, False, True] * 2)
+    assert (change[lesion] > 0.01).all(), change
+    assert (change[~lesion] < -0.01).all(), change
+
+
+def test_resume_takes_the_newest_checkpoint_by_time(tmp_path):
+    """Two complete checkpoints: the run resumes from the one written last, even where file names sort the other
+    way (epoch 10 sorts before epoch 9 as text)."""
+    net = _net()
+    trainer = _trainer(net, [_batch()], max_epochs=2)
+    save = {"model": net, "optimizer": trainer.optimizer, "trainer": trainer, "reference": trainer.reference}
+    CheckpointSaver(str(tmp_path), save, save_interval=1, n_saved=2, epoch_level=True).attach(trainer)
+    trainer.run()
+    older, newer = tmp_path / "checkpoint_epoch=9.pt", tmp_path / "checkpoint_epoch=10.pt"
+    (tmp_path / "checkpoint_epoch=1.pt").rename(older)
+    (tmp_path / "checkpoint_epoch=2.pt").rename(newer)
+    os.utime(older, (1_000_000, 1_000_000))
+    os.utime(newer, (2_000_000, 2_000_000))
+
+    net2 = _net(seed=3)
+    trainer2 = _trainer(net2, [_batch()], max_epochs=3)
+    save2 = {"model": net2, "optimizer": trainer2.optimizer, "trainer": trainer2, "reference": trainer2.reference}
+    saver2 = CheckpointSaver(str(tmp_path), save2, save_interval=1, n_saved=2, epoch_level=True)
+    assert resume_latest(trainer2, saver2) == str(newer)
+    epochs = []
+    trainer2.add_event_handler(Events.EPOCH_STARTED, lambda e: epochs.append(e.state.epoch))
+    trainer2.run()
+    assert epochs == [3]  # the epoch-2 state was loaded, not the epoch-1 one
