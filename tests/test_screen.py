@@ -27,7 +27,7 @@ BUNDLE_ROOT = Path(__file__).resolve().parents[1] / "bundle"
 REAL_DICOM = Path(__file__).resolve().parents[2] / "shared" / "data" / "realct" / "dicom" / "totalseg_example_ct_dicom"
 REPORT_KEYS = {"case", "verdict", "score", "lesion_voxels", "fp_voxel_threshold", "lesions", "windows", "timings_s",
                "input_geometry", "files"}
-TIMING_KEYS = {"load", "glance", "focus", "postprocess_save", "report", "total"}
+TIMING_KEYS = {"load", "glance", "focus", "postprocess", "save", "report", "total"}
 LESION_KEYS = {"volume_ml", "centroid_mm", "bbox_voxel", "max_probability", "voxels"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -14,11 +14,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor
+from monai.data import MetaTensor, NibabelWriter
+from monai.data.utils import to_affine_nd
 from monai.transforms import MapTransform, Transform
+from monai.utils import get_equivalent_dtype
 from scipy import ndimage
 
 Box = tuple[slice, ...]
@@ -77,6 +80,35 @@ def merge_boxes(boxes: Sequence[Box]) -> list[Box]:
     return [tuple(slice(int(a), int(b)) for a, b in zip(lo, hi)) for lo, hi in merged]
 
 
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box holding every non-zero voxel of ``mask``, or None when there is none."""
+    mask, box = np.asarray(mask), []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hit.size == 0:
+            return None
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
+
+
+def mask_on_grid(mask: np.ndarray, mask_affine: np.ndarray, shape: Sequence[int], affine: np.ndarray) -> np.ndarray:
+    """``mask`` (non-zero = in) sampled by nearest neighbour at the voxel centres of the grid (``shape``,
+    ``affine``), as bool; only the part of that grid around the mask's voxels is looked at."""
+    out = np.zeros(tuple(shape), bool)
+    box = bounding_box(mask)
+    if box is None:
+        return out
+    src_from_dst = index_map(mask_affine, affine)
+    target = map_box(box, src_from_dst, shape)
+    if target is None:
+        return out
+    matrix = src_from_dst[:3, :3]
+    offset = matrix @ [s.start for s in target] + src_from_dst[:3, 3] - [s.start for s in box]
+    sub = (np.asarray(mask)[box] != 0).astype(np.uint8)
+    out[target] = ndimage.affine_transform(sub, matrix, offset, tuple(s.stop - s.start for s in target), order=0) > 0
+    return out
+
+
 def resample_box(src: np.ndarray, src_from_dst: np.ndarray, box: Box) -> np.ndarray:
     """``src`` sampled with (tri)linear interpolation at the voxels of ``box`` on the destination grid; 0 beyond
     ``src``'s extent, interpolated towards 0 within half a voxel of its edge."""
@@ -129,7 +161,8 @@ class InvertFindingsd(MapTransform):
         src_from_dst = index_map(np.asarray(image.affine, float), in_affine)
         for key in self.key_iterator(d):
             prob = np.asarray(d[key].detach().cpu() if isinstance(d[key], torch.Tensor) else d[key], np.float32)[0]
-            mask, full_prob = np.zeros(in_shape, np.uint8), np.zeros(in_shape, np.float32)
+            mask = np.zeros(in_shape, np.uint8, order="F")  # NIfTI's layout: written without a transposing copy
+            full_prob = np.zeros(in_shape, np.float32)
             mapped = (map_box(b, src_from_dst, in_shape) for b in candidate_boxes(prob, self.threshold))
             for box in merge_boxes([b for b in mapped if b is not None]):
                 p = resample_box(prob, src_from_dst, box)
@@ -162,3 +195,37 @@ class Timestampd(Transform):
         d = dict(data)
         d[self.key] = {**d.get(self.key, {}), self.name: time.perf_counter()}
         return d
+
+
+class MaskNiftiWriter(NibabelWriter):
+    """``NibabelWriter`` for a mask already on its output grid (``SaveImaged(resample=False)``).
+
+    MONAI's writer converts a mask it does not resample to float64 and to C order, and nibabel then gathers
+    NIfTI's Fortran order from it slice by slice: 0.7 s of a 0.8 s save of a 512 x 512 x 129 mask. This writer
+    keeps the array as it is and hands nibabel Fortran order (free when the mask already is, as
+    :class:`InvertFindingsd`'s masks are); the rest (channel handling, sform / qform, file name) is MONAI's.
+    """
+
+    def set_data_array(self, data_array, channel_dim: int | None = 0, squeeze_end_dims: bool = True, **kwargs) -> None:  # type: ignore[override]
+        super().set_data_array(as_numpy(data_array), channel_dim, squeeze_end_dims, **kwargs)
+
+    def set_metadata(self, meta_dict: Mapping | None, resample: bool = True, **options: object) -> None:
+        if resample:
+            super().set_metadata(meta_dict, resample=resample, **options)
+            return
+        self.affine = self.get_meta_info(meta_dict)[1]
+        if self.output_dtype is None:
+            self.output_dtype = self.data_obj.dtype
+
+    @classmethod
+    def create_backend_obj(cls, data_array, affine=None, dtype=None, **kwargs) -> nib.Nifti1Image:  # type: ignore[override]
+        data = as_numpy(data_array)
+        if dtype is not None:
+            data = data.astype(get_equivalent_dtype(dtype, np.ndarray), copy=False)
+        affine = to_affine_nd(3, np.eye(4) if affine is None else np.asarray(affine, float))
+        return nib.Nifti1Image(np.asfortranarray(data), affine, header=kwargs.pop("header", None), extra=kwargs.pop("extra", None))
+
+
+def as_numpy(array) -> np.ndarray:
+    """A CPU numpy array of ``array`` in its own memory layout (MONAI's conversions copy to C order)."""
+    return array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
