@@ -33,7 +33,7 @@ REAL_DICOM = Path(__file__).resolve().parents[2] / "shared" / "data" / "realct" 
 NO_ORTHANC = "Orthanc not installed: apt-get install orthanc orthanc-dicomweb"
 REPORT_KEYS = {"case", "verdict", "score", "lesion_voxels", "fp_voxel_threshold", "lesions", "windows", "timings_s",
                "input_geometry", "files"}
-TIMING_KEYS = {"load", "glance", "focus", "postprocess_save", "report", "total"}
+TIMING_KEYS = {"load", "glance", "focus", "postprocess", "save", "report", "total"}
 LESION_KEYS = {"volume_ml", "centroid_mm", "bbox_voxel", "max_probability", "voxels"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

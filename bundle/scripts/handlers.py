@@ -9,10 +9,9 @@ from pathlib import Path
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
-from monai.transforms import ResampleToMatch
 from monai.utils import convert_to_numpy
 
-from . import metrics, report
+from . import metrics, postprocess, report
 
 logger = logging.getLogger(__name__)
 
@@ -23,9 +22,11 @@ class ScreeningReportHandler:
 
     Expects per-scan outputs (after postprocessing) with ``pred`` (lesion mask in the input's geometry),
     ``prob`` (lesion probability, same grid), ``image`` (the model input; channel 0 is the soft-tissue window) and
-    ``windows`` (the glance records). Timings: ``load`` (reading and preprocessing), ``glance`` and ``focus`` (model
-    time), ``postprocess_save`` (inversion to the input grid and writing the mask), ``report`` (JSON + PNG) and
-    ``total``, all wall-clock seconds for the batch.
+    ``windows`` (the glance records). Timings, wall-clock seconds: ``load`` (reading and preprocessing; measured
+    where it ran when the batch carries ``load_s``, e.g. from a prefetching DataLoader worker), ``glance`` and
+    ``focus`` (model time), ``postprocess`` (to the input grid, size and confidence filters) and ``save`` (writing
+    the mask; split where the postprocessing's :class:`scripts.postprocess.Timestampd` named "save" ran, else all
+    ``postprocess``), ``report`` (JSON + PNG) and ``total``.
     """
 
     def __init__(
@@ -55,20 +56,23 @@ class ScreeningReportHandler:
         t = self._t
         post = time.perf_counter()
         model = engine.inferer.last_timings
-        for item in engine.state.output:
+        batches = engine.state.batch if isinstance(engine.state.batch, list) else [{}] * len(engine.state.output)
+        for item, batch in zip(engine.state.output, batches):
             t0 = time.perf_counter()
             case = _case_id(item["pred"].meta.get("filename_or_obj", "case"))
+            load = float(batch["load_s"]) if "load_s" in batch else t["loaded"] - t["start"]
+            save_start = item.get("timestamps", {}).get("save", post)
             timings = {
-                "load": t["loaded"] - t["start"],
+                "load": load,
                 "glance": model["glance"],
                 "focus": model["focus"],
-                "postprocess_save": post - t["inferred"],
+                "postprocess": save_start - t["inferred"],
+                "save": post - save_start,
             }
-            mask = convert_to_numpy(item["pred"][0]) > 0
             rep = report.build_report(
                 case,
-                mask,
-                convert_to_numpy(item["prob"][0]),
+                postprocess.as_numpy(item["pred"][0]),
+                postprocess.as_numpy(item["prob"][0]),
                 convert_to_numpy(item["pred"].affine),
                 item["windows"],
                 timings,
@@ -79,7 +83,7 @@ class ScreeningReportHandler:
             if self.overview:
                 self._render(item, case, rep)
             rep["timings_s"]["report"] = time.perf_counter() - t0
-            rep["timings_s"]["total"] = time.perf_counter() - t["start"]
+            rep["timings_s"]["total"] = time.perf_counter() - t["start"] + (load if "load_s" in batch else 0.0)
             rep["files"] = {"mask": _mask_path(item["pred"]), "overview": str(self.output_dir / f"{case}_overview.png")}
             report.save_report(rep, self.output_dir / f"{case}_report.json")
             self.reports.append(rep)
@@ -89,15 +93,24 @@ class ScreeningReportHandler:
             )
 
     def _render(self, item: dict, case: str, rep: dict) -> None:
+        """The overview PNG on the model grid: its CT, the glance heat map and the saved mask brought to it, so
+        that the picture shows what the report lists, with the report's lesion numbers."""
         image = item["image"]
         lo, hi = self.hu_window
         hu = convert_to_numpy(image[0]) * (hi - lo) + lo
-        heat = report.glance_heatmap(hu.shape, item["windows"])
+        grid = convert_to_numpy(image.affine)
+        saved_affine = convert_to_numpy(item["pred"].affine)
+        mask = postprocess.mask_on_grid(postprocess.as_numpy(item["pred"][0]), saved_affine, hu.shape, grid)
         title = f"{case}: {rep['verdict']} (score {rep['score']:.2f}, kept {rep['windows']['kept']}/{rep['windows']['total']} windows)"
-        # the saved mask, brought to the model grid the heat map lives on: the picture shows what the report lists
-        mask = ResampleToMatch(mode="nearest")(item["pred"], img_dst=image)
         report.render_overview(
-            hu, convert_to_numpy(mask[0]) > 0, heat, convert_to_numpy(image.affine), self.output_dir / f"{case}_overview.png", title
+            hu,
+            mask,
+            report.glance_heatmap(hu.shape, item["windows"]),
+            grid,
+            self.output_dir / f"{case}_overview.png",
+            title,
+            findings=report.findings_in_world(rep.get("lesions", ()), saved_affine),
+            threshold=self.threshold,
         )
 
 
