@@ -155,16 +155,18 @@ def _two_blob_ct() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _render_views(tmp_path, monkeypatch, name, ct, mask, heat) -> list[np.ndarray]:
-    """Render the overview and return the RGB pixels of its axial, coronal and sagittal panels (found from the
-    axes the figure drew them in)."""
+    """Render the overview and return the RGB pixels of its slice panels (up to three; found from the axes the
+    figure drew them in)."""
     drawn = []
     show = scripts.report._show
     monkeypatch.setattr(scripts.report, "_show", lambda ax, *a, **k: drawn.append(ax) or show(ax, *a, **k))
     affine = np.diag([-0.8, -0.8, 5.0, 1.0])  # LPS-style flips: the views must reorient CT, mask and heat alike
-    with Image.open(render_overview(ct, mask, heat, affine, tmp_path / f"{name}.png")) as png:
+    lesions = scripts.report.lesion_components(mask, mask.astype(np.float32), affine)  # what the report lists
+    findings = scripts.report.findings_in_world(lesions, affine)
+    with Image.open(render_overview(ct, mask, heat, affine, tmp_path / f"{name}.png", findings=findings)) as png:
         pixels = np.asarray(png.convert("RGB")).astype(int)
     panels = []
-    for ax in drawn[:3]:
+    for ax in [ax for ax in drawn if "MIP" not in ax.get_title()][:3]:  # the slice views, not the MIP
         box = ax.get_window_extent()  # display pixels, y up
         rows = slice(int(np.ceil(pixels.shape[0] - box.y1)), int(pixels.shape[0] - box.y0))
         panels.append(pixels[rows, int(np.ceil(box.x0)) : int(box.x1)])
