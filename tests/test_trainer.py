@@ -267,19 +267,13 @@ def test_resume_skips_a_truncated_checkpoint(tmp_path):
     bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     os.utime(bad, (good.stat().st_mtime + 5, good.stat().st_mtime + 5))
 
-    net2 = _net(seed=3)
-    trainer2 = _trainer(net2, [_batch()], max_epochs=2)
-    save2 = {"model": net2, "optimizer": trainer2.optimizer, "trainer": trainer2, "reference": trainer2.reference}
-    saver2 = CheckpointSaver(str(tmp_path), save2, save_interval=1, n_saved=1, epoch_level=True)
-    assert resume_latest(trainer2, saver2) == str(good)
-    epochs = []
-    trainer2.add_event_handler(Events.EPOCH_STARTED, lambda e: epochs.append(e.state.epoch))
-    trainer2.run()
+    resumed, epochs = _resume_and_run(tmp_path, max_epochs=2, n_saved=1)
+    assert resumed == str(good)
     assert epochs == [2]
 
     bad.rename(tmp_path / "checkpoint_epoch=9.pt")
     good.write_bytes(b"")  # nothing complete left: a fresh start, not a crash
-    assert resume_latest(_trainer(_net(), [_batch()]), saver2) is None
+    assert resume_latest(_trainer(_net(), [_batch()]), saver) is None
 
 
 def test_glance_context_crops_feed_the_centre_window_to_the_focus():
@@ -376,12 +370,19 @@ def test_resume_takes_the_newest_checkpoint_by_time(tmp_path):
     os.utime(older, (1_000_000, 1_000_000))
     os.utime(newer, (2_000_000, 2_000_000))
 
-    net2 = _net(seed=3)
-    trainer2 = _trainer(net2, [_batch()], max_epochs=3)
-    save2 = {"model": net2, "optimizer": trainer2.optimizer, "trainer": trainer2, "reference": trainer2.reference}
-    saver2 = CheckpointSaver(str(tmp_path), save2, save_interval=1, n_saved=2, epoch_level=True)
-    assert resume_latest(trainer2, saver2) == str(newer)
-    epochs = []
-    trainer2.add_event_handler(Events.EPOCH_STARTED, lambda e: epochs.append(e.state.epoch))
-    trainer2.run()
+    resumed, epochs = _resume_and_run(tmp_path, max_epochs=3, n_saved=2)
+    assert resumed == str(newer)
     assert epochs == [3]  # the epoch-2 state was loaded, not the epoch-1 one
+
+
+def _resume_and_run(ckpt_dir, max_epochs: int, n_saved: int) -> tuple[str | None, list[int]]:
+    """A fresh trainer resumed by resume_latest from ``ckpt_dir``: the checkpoint it loaded and the epochs it ran."""
+    net = _net(seed=3)
+    trainer = _trainer(net, [_batch()], max_epochs=max_epochs)
+    save = {"model": net, "optimizer": trainer.optimizer, "trainer": trainer, "reference": trainer.reference}
+    saver = CheckpointSaver(str(ckpt_dir), save, save_interval=1, n_saved=n_saved, epoch_level=True)
+    resumed = resume_latest(trainer, saver)
+    epochs: list[int] = []
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: epochs.append(e.state.epoch))
+    trainer.run()
+    return resumed, epochs

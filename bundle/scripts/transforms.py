@@ -147,8 +147,11 @@ class LesionConfidenceFilterd(MapTransform):
             labels, n = connected_components(np.asarray(d[key])[0])
             if n == 0:
                 continue
-            peaks = ndimage.maximum(prob, labels, index=np.arange(1, n + 1))
-            keep = np.concatenate([[False], np.asarray(peaks) >= self.min_peak])
+            inside = labels > 0
+            peaks = np.zeros(n + 1)  # per component, over its own voxels only (ndimage.maximum sorts the volume)
+            np.maximum.at(peaks, labels[inside], prob[inside])
+            keep = peaks >= self.min_peak
+            keep[0] = False
             out = torch.as_tensor(keep[labels][None])
             d[key] = convert_to_dst_type(out, d[key], dtype=d[key].dtype)[0]
         return d
