@@ -29,7 +29,7 @@ rm -rf "$stage"
 mkdir -p "$stage/tests" "$stage/bundle"
 cp -r bundle/scripts "$stage/scripts"
 cp -r monailabel_app/lib "$stage/lib"
-cp -r bundle/configs "$stage/bundle/configs"  # read by some tests; holds no code, so `scripts` still comes from the copy
+cp -r bundle/configs "$stage/bundle/configs"  # read by some tests; no code, so `scripts` still comes from the copy
 cp pytest.ini "$stage/"
 cp tests/conftest.py "${tests[@]}" "$stage/tests/"
 {
