@@ -330,7 +330,9 @@ def test_nsd_is_kept_at_a_dsc_of_exactly_the_floor():
     """FLARE zeroes NSD *below* DSC 0.2: one voxel inside a 9-voxel lesion (DSC 2/10) keeps its NSD."""
     gt, pred = cube((7, 7, 7), (2, 2, 3), (3, 3, 1)), cube((7, 7, 7), (3, 3, 3), (1, 1, 1))
     assert flare_dsc(pred, gt) == 0.2
-    raw = compute_surface_dice(torch.from_numpy(pred)[None, None], torch.from_numpy(gt)[None, None], [2.0], include_background=True)
+    raw = compute_surface_dice(
+        torch.from_numpy(pred)[None, None], torch.from_numpy(gt)[None, None], [2.0], include_background=True
+    )
     assert raw.item() == 1.0  # every surface point is within 2 mm of the other surface
     assert flare_nsd(pred, gt, (1, 1, 1)) == 1.0
 
@@ -358,8 +360,8 @@ def test_glance_operating_point_keeps_a_threshold_that_discards_exactly_the_targ
     lesion window at exactly .5 counts as kept."""
     from scripts.metrics import glance_operating_point
 
-    scores = [[0.9, True], [0.5, True], [0.3, True], [0.1, False], [0.2, False], [0.4, False], [0.5, False], [0.7, False]]
-    out = glance_operating_point(scores)
+    lesion, free = [0.9, 0.5, 0.3], [0.1, 0.2, 0.4, 0.5, 0.7]
+    out = glance_operating_point([[p, True] for p in lesion] + [[p, False] for p in free])
     assert out["threshold"] == 0.5 and out["sensitivity"] == pytest.approx(2 / 3)
 
 

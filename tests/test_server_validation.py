@@ -98,7 +98,8 @@ def test_check_inside_accepts_paths_inside_and_returns_the_real_path(studies):
 def test_check_inside_refuses_a_sibling_that_shares_the_prefix(studies):
     evil = studies.parent / "studies_evil"
     for outside in (evil, evil / "labels", studies / ".." / "studies_evil" / "labels", studies.parent):
-        with pytest.raises(InvalidRequest, match=f"label tag {re.escape(repr(str(outside)))} leaves the studies folder"):
+        message = f"label tag {re.escape(repr(str(outside)))} leaves the studies folder"
+        with pytest.raises(InvalidRequest, match=message):
             check_inside(outside, studies, "label tag")
 
 

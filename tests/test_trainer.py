@@ -203,6 +203,14 @@ def test_reference_refresh_every_k_epochs():
         ReferencePolicyRefresh(interval=0)
 
 
+def test_reference_refresh_defaults_to_every_epoch():
+    net = _net()
+    trainer = _trainer(net, [_batch()], max_epochs=1)
+    ReferencePolicyRefresh().attach(trainer)
+    trainer.run()
+    assert _equal(trainer.reference.state_dict(), net.glance.state_dict())
+
+
 def test_batch_not_divisible_by_group_size():
     trainer = _trainer(_net(), [_batch(n_windows=6)])
     with pytest.raises(ValueError, match=r"6 windows is not a whole number of groups of 4"):
@@ -306,7 +314,7 @@ def test_reward_advantage_and_ce_are_wired_per_scan_from_the_actions_taken(monke
     """Two scans of four windows with known actions: the reward of each window follows from the Focus prediction,
     the label and the action taken; advantages are relative within each scan; the CE label is "holds a lesion"."""
     batch = _windows("LFMF" "FLFL")
-    actions = [1, 1, 0, 0, 1, 0, 0, 0]
+    actions = [1, 1, 1, 0, 1, 0, 0, 0]
     _fixed_actions(monkeypatch, actions)
     seen = {}
     real_loss = grpo.grpo_loss
@@ -328,7 +336,7 @@ def test_reward_advantage_and_ce_are_wired_per_scan_from_the_actions_taken(monke
     pred, label = out["pred"].detach().argmax(1) > 0, out["label"][:, 0] > 0
     found, lesion = (pred & label).flatten(1).any(1), label.flatten(1).any(1)
     reward = torch.where(torch.tensor(actions).bool(), found, ~lesion).float()
-    assert reward.tolist() == [1, 0, 0, 1, 0, 0, 1, 0]  # L kept, F kept, M discarded, F discarded | F kept, L, F, L
+    assert reward.tolist() == [1, 0, 0, 1, 0, 0, 1, 0]  # L, F, M (missed) kept, F discarded | F kept, L, F, L discarded
     assert float(out["reward"]) == pytest.approx(3 / 8)
     # scan 1: mean 1/2, std 1/2; scan 2: mean 1/4, std sqrt(3)/4
     expected = [1.0, -1.0, -1.0, 1.0, -1 / 3**0.5, -1 / 3**0.5, 3**0.5, -1 / 3**0.5]
@@ -354,6 +362,23 @@ def test_one_step_with_positive_advantage_on_kept_lesion_windows_raises_their_p_
     lesion = torch.tensor([True, False, False, True] * 2)
     assert (change[lesion] > 0.01).all(), change
     assert (change[~lesion] < -0.01).all(), change
+
+
+def test_resume_maps_a_gpu_checkpoint_to_the_training_device(tmp_path, monkeypatch, caplog):
+    """A run trained on a GPU (storages tagged 'cuda:0') resumes on a CPU-only machine, and says from where."""
+    net = _net()
+    trainer = _trainer(net, [_batch()], max_epochs=1)
+    _saver(tmp_path, net, trainer)
+    with monkeypatch.context() as m:  # what torch.save writes for tensors on a GPU
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        trainer.run()
+    net2 = _net(seed=3)
+    trainer2 = _trainer(net2, [_batch()], max_epochs=2)
+    with caplog.at_level("INFO"):
+        path = resume_latest(trainer2, _saver(tmp_path, net2, trainer2))
+    assert f"resuming from {path}" in caplog.text
+    trainer2.run()  # loads the checkpoint at the start of the run
+    assert trainer2.state.epoch == 2 and trainer2.state.iteration == 2
 
 
 def test_resume_takes_the_newest_checkpoint_by_time(tmp_path):
