@@ -57,14 +57,20 @@ def test_workers_read_the_next_scan_while_the_current_one_is_screened(folder, tm
     """The consumer takes 1.5 s per scan; with one worker, each next scan's reading starts before the consumer is
     done with the current one, in another process, and the scans arrive in order, the bad one as an error."""
     stamp = lambda x: {"pid": os.getpid(), "start": time.time(), "x": x}  # noqa: E731
-    preprocessing = Compose([Lambdad("image", lambda p: stamp(p), overwrite="probe"),
-                             *_parser(tmp_path).get_parsed_content("preprocessing").transforms])
+    preprocessing = Compose(
+        [
+            Lambdad("image", lambda p: stamp(p), overwrite="probe"),
+            *_parser(tmp_path).get_parsed_content("preprocessing").transforms,
+        ]
+    )
     seen, done = [], []
     for batch in prefetched_cases(folder, preprocessing, num_workers=1):
         seen.append(batch)
         time.sleep(1.5)  # screening this scan
         done.append(time.time())
-    assert [b["image"][0] if "error" in b else b["image"].meta["filename_or_obj"][0] for b in seen] == [c["image"] for c in folder]
+    assert [b["image"][0] if "error" in b else b["image"].meta["filename_or_obj"][0] for b in seen] == [
+        c["image"] for c in folder
+    ]
     assert "error" in seen[1] and all("error" not in seen[i] for i in (0, 2, 3))
     probes = {i: seen[i]["probe"] for i in (0, 2, 3)}
     assert all(int(p["pid"][0]) != os.getpid() for p in probes.values())

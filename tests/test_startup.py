@@ -28,8 +28,14 @@ print("LOADED", json.dumps(sorted(m for m in {modules!r} if sys.modules.get(m) i
 
 def _screen(mode: str, image: Path, out: Path) -> list[str]:
     code = SCREEN.format(modules=UNUSED_BY_SCREENING)
-    proc = subprocess.run([sys.executable, "-c", code, mode, str(image), str(out)], cwd=BUNDLE_ROOT, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    proc = subprocess.run(
+        [sys.executable, "-c", code, mode, str(image), str(out)],
+        cwd=BUNDLE_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.split("LOADED", 1)[1])
 
@@ -40,6 +46,10 @@ def test_screening_runs_without_the_unused_packages(tmp_path):
     nib.save(nib.Nifti1Image(ph.image, ph.affine), str(image))
     assert _screen("lean", image, tmp_path / "lean") == []
     report = json.loads((tmp_path / "lean" / "scan_report.json").read_text())
-    assert report["case"] == "scan" and Path(report["files"]["mask"]).is_file() and Path(report["files"]["overview"]).is_file()
+    assert (
+        report["case"] == "scan"
+        and Path(report["files"]["mask"]).is_file()
+        and Path(report["files"]["overview"]).is_file()
+    )
     # without the start-up step, MONAI pulls them in (those installed here): what the step saves
     assert {"mlflow", "torch.utils.tensorboard", "matplotlib.pyplot"} <= set(_screen("full", image, tmp_path / "full"))

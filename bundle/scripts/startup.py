@@ -2,8 +2,8 @@
 
 ``import monai`` imports every MONAI submodule, and each of them imports the optional packages it finds installed:
 MLflow, TensorBoard, pandas, pyplot and torchvision (with TorchDynamo), which the environment has for training and
-MONAI Label: a third of the command's start-up. Marking them absent before MONAI is first imported makes MONAI's ``optional_import`` treat
-them as not installed, as it does on a lean install; nothing on the screening path calls them.
+MONAI Label: a third of the command's start-up. Marking them absent before MONAI is first imported makes MONAI's
+``optional_import`` treat them as not installed, as on a lean install; nothing on the screening path calls them.
 """
 
 from __future__ import annotations
