@@ -26,7 +26,7 @@ class ScreeningReportHandler:
     where it ran when the batch carries ``load_s``, e.g. from a prefetching DataLoader worker), ``glance`` and
     ``focus`` (model time), ``postprocess`` (to the input grid, size and confidence filters) and ``save`` (writing
     the mask; split where the postprocessing's :class:`scripts.postprocess.Timestampd` named "save" ran, else all
-    ``postprocess``), ``report`` (JSON + PNG) and ``total``.
+    ``postprocess``), ``report`` (JSON + PNG) and ``total`` (from the start of reading to the report written).
     """
 
     def __init__(
