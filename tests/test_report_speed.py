@@ -68,9 +68,9 @@ def _model_grid() -> tuple[np.ndarray, np.ndarray, list[dict]]:
 
 
 def test_report_and_overview_of_a_512x512x150_scan_take_well_under_a_second(tmp_path):
-    """CPU time (the clock a busy machine does not inflate much) of what the report handler does per scan, after
-    one warm-up render (matplotlib's first figure in a process loads its fonts). The whole-volume version took
-    over 10 s."""
+    """CPU time (the clock a busy machine does not inflate much; best of 3) of what the report handler does per
+    scan, after one warm-up render (matplotlib's first figure in a process loads its fonts). The whole-volume
+    version took over 10 s."""
     mask, prob = _scan_with_findings()
     hu, grid, windows = _model_grid()
 
@@ -89,9 +89,12 @@ def test_report_and_overview_of_a_512x512x150_scan_take_well_under_a_second(tmp_
         )
 
     handler_work()
-    start = time.process_time()
-    handler_work()
-    assert time.process_time() - start < 1.5
+    seconds = []
+    for _ in range(3):
+        start = time.process_time()
+        handler_work()
+        seconds.append(time.process_time() - start)
+    assert min(seconds) < 1.5, seconds
 
 
 def _placed(number: int, centre) -> report._Placed:
