@@ -36,6 +36,8 @@ test: setup system-deps
 test-all: setup system-deps
 	$(PY) -m pytest -q -m "" tests
 
+# What users wait for (the screening command per scan and stage, batch scans per hour, a MONAI Label round trip)
+# and the model beside MONAI sliding-window inference and the wholeBody_ct_segmentation network: docs/benchmarks.md.
 bench: setup
 	cd bundle && ../$(PY) -m scripts.benchmark --output ../docs/benchmarks.md
 

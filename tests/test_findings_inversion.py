@@ -58,7 +58,11 @@ def test_merge_boxes_joins_overlapping_and_touching_boxes_only():
         apart,
     ]
     # the third box touches neither of the first two, only the union of them
-    chain = [(slice(0, 2), slice(0, 2), slice(0, 1)), (slice(0, 1), slice(4, 6), slice(0, 1)), (slice(2, 4), slice(2, 4), slice(0, 1))]
+    chain = [
+        (slice(0, 2), slice(0, 2), slice(0, 1)),
+        (slice(0, 1), slice(4, 6), slice(0, 1)),
+        (slice(2, 4), slice(2, 4), slice(0, 1)),
+    ]
     assert merge_boxes(chain) == [(slice(0, 4), slice(0, 6), slice(0, 1))]
 
 
@@ -97,22 +101,26 @@ def case(tmp_path_factory):
 
 
 def _mask_transform() -> Compose:
-    return Compose([
-        RemoveSmallObjectsd("pred", min_size=MIN_MM3, by_measure=True),
-        LesionConfidenceFilterd("pred", min_peak=MIN_PEAK),
-    ])
+    return Compose(
+        [
+            RemoveSmallObjectsd("pred", min_size=MIN_MM3, by_measure=True),
+            LesionConfidenceFilterd("pred", min_peak=MIN_PEAK),
+        ]
+    )
 
 
 def test_equals_monai_invert_of_the_whole_volume(case):
     """The old inference post-processing, voxel for voxel, and its probability wherever a finding is."""
     item, preprocessing, _ = case
-    reference = Compose([
-        LesionProbabilityd("pred"),
-        Invertd("pred", transform=preprocessing, orig_keys="image", nearest_interp=False, to_tensor=True),
-        CopyItemsd("pred", names="prob"),
-        AsDiscreted("pred", threshold=0.5),
-        *_mask_transform().transforms,
-    ])(dict(item))
+    reference = Compose(
+        [
+            LesionProbabilityd("pred"),
+            Invertd("pred", transform=preprocessing, orig_keys="image", nearest_interp=False, to_tensor=True),
+            CopyItemsd("pred", names="prob"),
+            AsDiscreted("pred", threshold=0.5),
+            *_mask_transform().transforms,
+        ]
+    )(dict(item))
     ours = Compose([LesionProbabilityd("pred"), InvertFindingsd("pred", mask_transform=_mask_transform())])(dict(item))
     expected = np.asarray(reference["pred"][0]) > 0
     found = np.asarray(ours["pred"][0])
@@ -120,13 +128,17 @@ def test_equals_monai_invert_of_the_whole_volume(case):
     assert 0 < expected.sum() and np.array_equal(found > 0, expected)
     np.testing.assert_allclose(np.asarray(ours["pred"].affine), np.asarray(reference["pred"].affine), atol=1e-6)
     assert ours["pred"].meta["filename_or_obj"] == item["image"].meta["filename_or_obj"]
-    np.testing.assert_allclose(np.asarray(ours["prob"][0])[expected], np.asarray(reference["prob"][0])[expected], atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(ours["prob"][0])[expected], np.asarray(reference["prob"][0])[expected], atol=1e-5
+    )
 
 
 def test_filters_drop_small_and_unconfident_findings(case):
     item = case[0]
     plain = Compose([LesionProbabilityd("pred"), InvertFindingsd("pred")])(dict(item))
-    filtered = Compose([LesionProbabilityd("pred"), InvertFindingsd("pred", mask_transform=_mask_transform())])(dict(item))
+    filtered = Compose([LesionProbabilityd("pred"), InvertFindingsd("pred", mask_transform=_mask_transform())])(
+        dict(item)
+    )
     labels_plain = _count(np.asarray(plain["pred"][0]))
     labels_filtered = _count(np.asarray(filtered["pred"][0]))
     assert labels_filtered < labels_plain  # the 0.6-peak blob and the one-voxel-radius blob are gone
@@ -148,8 +160,12 @@ def test_only_boxes_around_findings_are_resampled(monkeypatch, case):
     InvertFindingsd("pred")(LesionProbabilityd("pred")(dict(item)))
     assert 0 < len(sampled) < 6  # the two close blobs share a box
     assert sum(np.prod([s.stop - s.start for s in box]) for box in sampled) < 0.25 * volume
-    empty = dict(item, pred=item["pred"].clone().set_array(torch.stack([torch.ones_like(item["pred"][0]),
-                                                                         torch.zeros_like(item["pred"][0])])))
+    empty = dict(
+        item,
+        pred=item["pred"]
+        .clone()
+        .set_array(torch.stack([torch.ones_like(item["pred"][0]), torch.zeros_like(item["pred"][0])])),
+    )
     sampled.clear()
     out = InvertFindingsd("pred")(LesionProbabilityd("pred")(empty))
     assert sampled == [] and not np.asarray(out["pred"]).any() and out["pred"].shape == (1, 80, 96, 40)

@@ -26,7 +26,7 @@ class ScreeningReportHandler:
     where it ran when the batch carries ``load_s``, e.g. from a prefetching DataLoader worker), ``glance`` and
     ``focus`` (model time), ``postprocess`` (to the input grid, size and confidence filters) and ``save`` (writing
     the mask; split where the postprocessing's :class:`scripts.postprocess.Timestampd` named "save" ran, else all
-    ``postprocess``), ``report`` (JSON + PNG) and ``total``.
+    ``postprocess``), ``report`` (JSON + PNG) and ``total`` (from the start of reading to the report written).
     """
 
     def __init__(
@@ -101,7 +101,8 @@ class ScreeningReportHandler:
         grid = convert_to_numpy(image.affine)
         saved_affine = convert_to_numpy(item["pred"].affine)
         mask = postprocess.mask_on_grid(postprocess.as_numpy(item["pred"][0]), saved_affine, hu.shape, grid)
-        title = f"{case}: {rep['verdict']} (score {rep['score']:.2f}, kept {rep['windows']['kept']}/{rep['windows']['total']} windows)"
+        kept = f"kept {rep['windows']['kept']}/{rep['windows']['total']} windows"
+        title = f"{case}: {rep['verdict']} (score {rep['score']:.2f}, {kept})"
         report.render_overview(
             hu,
             mask,
@@ -128,7 +129,11 @@ def score_case(item: dict, fp_voxel_threshold: int = 125) -> dict:
     pred = item["pred"]
     spacing = report.voxel_spacing(convert_to_numpy(pred.affine))
     record = metrics.evaluate_case(
-        convert_to_numpy(pred[0]) > 0, convert_to_numpy(item["label"][0]) > 0, spacing, item.get("windows", ()), fp_voxel_threshold
+        convert_to_numpy(pred[0]) > 0,
+        convert_to_numpy(item["label"][0]) > 0,
+        spacing,
+        item.get("windows", ()),
+        fp_voxel_threshold,
     )
     record["case"] = _case_id(pred.meta.get("filename_or_obj", "case"))
     return record

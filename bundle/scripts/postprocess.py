@@ -4,7 +4,7 @@ MONAI's ``Invertd`` resamples the whole lesion-probability map back to the input
 512 x 512 x 129 scan) and the size and confidence filters then label and measure that whole volume, although a
 finding covers a few thousand voxels of it. Here the model-grid probability is resampled only inside boxes
 around the voxels that could reach the threshold, the mask's filters run on each box, and the result is pasted
-into an all-background volume. With bilinear resampling this is exact: an input voxel's probability is a convex
+into an all-background volume. With (tri)linear resampling this is exact: an input voxel's probability is a convex
 combination of its eight model-grid neighbours, so it reaches the threshold only next to a model-grid voxel that
 does, and boxes that touch are merged so that every connected component lies inside one box.
 """
@@ -23,6 +23,8 @@ from monai.data.utils import to_affine_nd
 from monai.transforms import MapTransform, Transform
 from monai.utils import get_equivalent_dtype
 from scipy import ndimage
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import connected_components
 
 Box = tuple[slice, ...]
 
@@ -62,22 +64,20 @@ def map_box(box: Box, src_from_dst: np.ndarray, dst_shape: Sequence[int]) -> Box
 
 def merge_boxes(boxes: Sequence[Box]) -> list[Box]:
     """Bounding boxes of the groups of ``boxes`` that overlap or touch (face, edge or corner), so that the
-    result's boxes are disjoint and separated by at least one voxel."""
-    merged = [(np.array([s.start for s in b]), np.array([s.stop for s in b])) for b in boxes]
-    changed = True
-    while changed:
-        changed = False
-        for i in range(len(merged)):
-            for j in range(i + 1, len(merged)):
-                (a0, a1), (b0, b1) = merged[i], merged[j]
-                if np.all(a0 <= b1) and np.all(b0 <= a1):  # touching counts: stop is one past the last voxel
-                    merged[i] = (np.minimum(a0, b0), np.maximum(a1, b1))
-                    del merged[j]
-                    changed = True
-                    break
-            if changed:
-                break
-    return [tuple(slice(int(a), int(b)) for a, b in zip(lo, hi)) for lo, hi in merged]
+    result's boxes are disjoint and separated by at least one voxel. Groups are the connected components of the
+    touch graph, recomputed until merged boxes touch no other (a few rounds, each vectorised over all pairs)."""
+    if not boxes:
+        return []
+    lo = np.array([[s.start for s in b] for b in boxes])
+    hi = np.array([[s.stop for s in b] for b in boxes])
+    while len(lo) > 1:
+        touch = np.all((lo[:, None] <= hi[None]) & (lo[None] <= hi[:, None]), axis=-1)  # stop is one past the end
+        count, group = connected_components(csr_matrix(touch), directed=False)
+        if count == len(lo):
+            break
+        lo = np.array([lo[group == g].min(0) for g in range(count)])
+        hi = np.array([hi[group == g].max(0) for g in range(count)])
+    return [tuple(slice(int(a), int(b)) for a, b in zip(start, stop)) for start, stop in zip(lo, hi)]
 
 
 def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
@@ -105,7 +105,9 @@ def mask_on_grid(mask: np.ndarray, mask_affine: np.ndarray, shape: Sequence[int]
     matrix = src_from_dst[:3, :3]
     offset = matrix @ [s.start for s in target] + src_from_dst[:3, 3] - [s.start for s in box]
     sub = (np.asarray(mask)[box] != 0).astype(np.uint8)
-    out[target] = ndimage.affine_transform(sub, matrix, offset, tuple(s.stop - s.start for s in target), order=0) > 0
+    shape_out = tuple(s.stop - s.start for s in target)
+    # grid-constant: a point within half a voxel of the edge of the box still takes the edge voxel
+    out[target] = ndimage.affine_transform(sub, matrix, offset, shape_out, order=0, mode="grid-constant") > 0
     return out
 
 
@@ -169,7 +171,9 @@ class InvertFindingsd(MapTransform):
                 found = self._filter(key, p, in_affine, box)
                 mask[box], full_prob[box] = found, p
             d[key] = MetaTensor(torch.from_numpy(mask[None]), affine=torch.as_tensor(in_affine), meta=dict(meta))
-            d[self.prob_key] = MetaTensor(torch.from_numpy(full_prob[None]), affine=torch.as_tensor(in_affine), meta=dict(meta))
+            d[self.prob_key] = MetaTensor(
+                torch.from_numpy(full_prob[None]), affine=torch.as_tensor(in_affine), meta=dict(meta)
+            )
         return d
 
     def _filter(self, key: Hashable, prob: np.ndarray, affine: np.ndarray, box: Box) -> np.ndarray:
@@ -206,7 +210,9 @@ class MaskNiftiWriter(NibabelWriter):
     :class:`InvertFindingsd`'s masks are); the rest (channel handling, sform / qform, file name) is MONAI's.
     """
 
-    def set_data_array(self, data_array, channel_dim: int | None = 0, squeeze_end_dims: bool = True, **kwargs) -> None:  # type: ignore[override]
+    def set_data_array(  # type: ignore[override]
+        self, data_array, channel_dim: int | None = 0, squeeze_end_dims: bool = True, **kwargs
+    ) -> None:
         super().set_data_array(as_numpy(data_array), channel_dim, squeeze_end_dims, **kwargs)
 
     def set_metadata(self, meta_dict: Mapping | None, resample: bool = True, **options: object) -> None:
@@ -218,12 +224,16 @@ class MaskNiftiWriter(NibabelWriter):
             self.output_dtype = self.data_obj.dtype
 
     @classmethod
-    def create_backend_obj(cls, data_array, affine=None, dtype=None, **kwargs) -> nib.Nifti1Image:  # type: ignore[override]
+    def create_backend_obj(  # type: ignore[override]
+        cls, data_array, affine=None, dtype=None, **kwargs
+    ) -> nib.Nifti1Image:
         data = as_numpy(data_array)
         if dtype is not None:
             data = data.astype(get_equivalent_dtype(dtype, np.ndarray), copy=False)
         affine = to_affine_nd(3, np.eye(4) if affine is None else np.asarray(affine, float))
-        return nib.Nifti1Image(np.asfortranarray(data), affine, header=kwargs.pop("header", None), extra=kwargs.pop("extra", None))
+        return nib.Nifti1Image(
+            np.asfortranarray(data), affine, header=kwargs.pop("header", None), extra=kwargs.pop("extra", None)
+        )
 
 
 def as_numpy(array) -> np.ndarray:

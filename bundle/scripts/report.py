@@ -64,13 +64,15 @@ def lesion_components(mask: np.ndarray, prob: np.ndarray, affine: np.ndarray) ->
         start = offset + [s.start for s in sub]
         centre = (np.argwhere(inside).mean(0) + start) @ affine[:3, :3].T + affine[:3, 3]
         voxels = int(np.count_nonzero(inside))
-        lesions.append({
-            "volume_ml": voxels * voxel_ml,
-            "centroid_mm": [float(c) for c in centre],
-            "bbox_voxel": [int(v) for v in start] + [int(v) for v in start + inside.shape - 1],
-            "max_probability": float(prob_box[sub][inside].max()),
-            "voxels": voxels,
-        })
+        lesions.append(
+            {
+                "volume_ml": voxels * voxel_ml,
+                "centroid_mm": [float(c) for c in centre],
+                "bbox_voxel": [int(v) for v in start] + [int(v) for v in start + inside.shape - 1],
+                "max_probability": float(prob_box[sub][inside].max()),
+                "voxels": voxels,
+            }
+        )
     return sorted(lesions, key=lambda lesion: lesion["voxels"], reverse=True)
 
 
@@ -249,7 +251,9 @@ def _show(
     heat_image = None
     if heat is not None:
         shown = np.ma.masked_less(heat.T, HEAT_FLOOR)
-        heat_image = ax.imshow(shown, cmap=HEAT_CMAP, vmin=0, vmax=1, alpha=HEAT_ALPHA, interpolation="nearest", **style)
+        heat_image = ax.imshow(
+            shown, cmap=HEAT_CMAP, vmin=0, vmax=1, alpha=HEAT_ALPHA, interpolation="nearest", **style
+        )
         if threshold is not None and heat.min() < threshold <= heat.max():
             ax.contour(heat.T, levels=[threshold], colors=KEPT_COLOUR, linewidths=0.8, linestyles="--", **style)
     if fill:
@@ -263,7 +267,9 @@ def _show(
     return heat_image
 
 
-def _number(ax: Any, placed: Sequence[_Placed], axes: tuple[int, int], mm: tuple[float, float], normal: tuple[int, int] | None) -> None:
+def _number(
+    ax: Any, placed: Sequence[_Placed], axes: tuple[int, int], mm: tuple[float, float], normal: tuple[int, int] | None
+) -> None:
     """Each finding's report number beside its centre, on a slice it crosses (``normal`` = axis, index) or on a
     projection (``normal`` None)."""
     outline = [patheffects.withStroke(linewidth=2.5, foreground="black")]
@@ -272,8 +278,18 @@ def _number(ax: Any, placed: Sequence[_Placed], axes: tuple[int, int], mm: tuple
             continue
         u, v = ((f.centre[a] + 0.5) * m for a, m in zip(axes, mm))
         right = (f.hi[axes[0]] + 1.0) * mm[0]  # just beside the finding (x is inverted: larger u is left)
-        ax.text(max(u, right), v, str(f.number), color=LABEL_COLOUR, fontsize=10, fontweight="bold",
-                ha="right", va="center", path_effects=outline, clip_on=True)
+        ax.text(
+            max(u, right),
+            v,
+            str(f.number),
+            color=LABEL_COLOUR,
+            fontsize=10,
+            fontweight="bold",
+            ha="right",
+            va="center",
+            path_effects=outline,
+            clip_on=True,
+        )
 
 
 def _label_sides(ax: Any, left: str, right: str) -> None:
@@ -342,7 +358,9 @@ def render_overview(
         bar = fig.colorbar(heat_image, cax=colorbar_ax, label="glance p(keep)")
         if threshold is not None:
             bar.ax.axhline(threshold, color="black", linestyle="--", linewidth=1.2)
-            legend.append(Line2D([], [], color=KEPT_COLOUR, linestyle="--", label=f"kept by the glance (p >= {threshold:g})"))
+            legend.append(
+                Line2D([], [], color=KEPT_COLOUR, linestyle="--", label=f"kept by the glance (p >= {threshold:g})")
+            )
     else:
         colorbar_ax.set_axis_off()
         legend.append(Patch(facecolor="none", edgecolor="gray", label="glance p(keep): not available"))
@@ -350,4 +368,6 @@ def render_overview(
     if title:
         fig.suptitle(title, fontsize=12)
     # zlib level 1: a third of the default's time for a few per cent more bytes
-    return _atomic_write(path, lambda stream: fig.savefig(stream, format="png", dpi=100, pil_kwargs={"compress_level": 1}))
+    return _atomic_write(
+        path, lambda stream: fig.savefig(stream, format="png", dpi=100, pil_kwargs={"compress_level": 1})
+    )
