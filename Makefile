@@ -21,13 +21,13 @@ setup: $(VENV)/.installed
 
 # Code style as the model-zoo checks it (black, isort, flake8 at 120 columns: pyproject.toml, setup.cfg; the bundle
 # configs as its pre-commit's pretty-format-json writes them). `make format` rewrites, `make lint` only checks.
-# The tools are pinned in requirements-dev.lock; order-only on the venv, so a newer requirements.lock alone does not
-# rebuild it here.
+# The tools are pinned in requirements-dev.lock and go into the venv, which is set up first only where it is missing.
 DEV_TOOLS := $(VENV)/.dev-installed
 PY_SOURCES := bundle monailabel_app tests
 JSON_CONFIGS = $(wildcard bundle/configs/*.json)
 PRETTY_JSON := $(VENV)/bin/pretty-format-json --no-sort-keys --indent=4
-$(DEV_TOOLS): requirements-dev.lock | $(VENV)/.installed
+$(DEV_TOOLS): requirements-dev.lock
+	@[ -f $(VENV)/.installed ] || $(MAKE) setup
 	$(PY) -m pip install --quiet --no-cache-dir --no-deps -r requirements-dev.lock
 	touch $@
 
