@@ -406,6 +406,7 @@ def test_paper_override_builds_the_authors_networks():
     """configs/paper.json: SwinUNETR-v2 (feature 48) Focus, ResNet18 Glance, 96x96x64 windows at 1x1x3 mm."""
     parser = ConfigParser()
     parser.read_config([str(BUNDLE_ROOT / "configs" / "train.json"), str(BUNDLE_ROOT / "configs" / "paper.json")])
+    parser["bundle_root"] = str(BUNDLE_ROOT)
     assert parser["roi_size"] == [96, 96, 64] and parser["pixdim"] == [1.0, 1.0, 3.0]
     net = parser.get_parsed_content("network_def")
     assert type(net.focus).__name__ == "SwinUNETR" and net.focus.swinViT.use_v2
