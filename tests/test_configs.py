@@ -50,7 +50,9 @@ def test_shared_settings_and_networks_agree_with_inference(workflow, inferer_id)
         assert value == shipped[key], f"{key}: {value} in {workflow} vs {shipped[key]} in inference.json"
     inferer = other.get_parsed_content(inferer_id)
     assert (inferer.threshold, inferer.overlap, tuple(inferer.roi_size)) == (
-        shipped["glance_threshold"], shipped["overlap"], tuple(shipped["roi_size"])
+        shipped["glance_threshold"],
+        shipped["overlap"],
+        tuple(shipped["roi_size"]),
     )
     assert _shapes(other.get_parsed_content("network_def")) == _shapes(shipped.get_parsed_content("network_def"))
 
