@@ -35,6 +35,30 @@ def _in_channels(network: torch.nn.Module) -> int:
     return next(m for m in network.modules() if isinstance(m, torch.nn.Conv3d)).in_channels
 
 
+def _transforms(pipeline) -> list:
+    """The transforms of a Compose, those of nested ones (InvertFindingsd's mask_transform) included."""
+    out = []
+    for t in getattr(pipeline, "transforms", ()):
+        out += [t, *_transforms(t), *_transforms(getattr(t, "mask_transform", None))]
+    return out
+
+
+def _pipeline_settings(parser: ConfigParser, prefix: str) -> dict:
+    """The shared settings as the pre- and post-processing transforms of a workflow use them."""
+    found = {}
+    for t in _transforms(parser.get_parsed_content(prefix + "preprocessing")):
+        if type(t).__name__ == "Spacingd":
+            found["pixdim"] = t.spacing_transform.pixdim.tolist()
+        if type(t).__name__ == "HUWindowsd":
+            found["hu_windows"] = [list(w) for w in t.windows]
+    for t in _transforms(parser.get_parsed_content(prefix + "postprocessing")):
+        if type(t).__name__ == "RemoveSmallObjectsd":
+            found["min_lesion_mm3"] = t.converter.min_size
+        if type(t).__name__ == "LesionConfidenceFilterd":
+            found["min_lesion_peak"] = t.min_peak
+    return found
+
+
 def _shapes(network: torch.nn.Module) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in network.state_dict().items()}
 
@@ -54,6 +78,8 @@ def test_shared_settings_and_networks_agree_with_inference(workflow, inferer_id)
         shipped["overlap"],
         tuple(shipped["roi_size"]),
     )
+    prefix = "validate#" if inferer_id.startswith("validate#") else ""
+    assert _pipeline_settings(other, prefix) == _pipeline_settings(shipped, "")
     assert _shapes(other.get_parsed_content("network_def")) == _shapes(shipped.get_parsed_content("network_def"))
 
 
@@ -94,6 +120,10 @@ def test_every_workflow_follows_a_change_of_the_shipped_settings(tmp_path, workf
     assert {key: parser.get_parsed_content(key) for key in SHARED} == changed
     inferer = parser.get_parsed_content(inferer_id)
     assert (inferer.threshold, inferer.overlap, tuple(inferer.roi_size)) == (0.7, 0.25, (48, 48, 24))
+    prefix = "validate#" if inferer_id.startswith("validate#") else ""
+    assert _pipeline_settings(parser, prefix) == {
+        k: changed[k] for k in ("pixdim", "hu_windows", "min_lesion_mm3", "min_lesion_peak")
+    }
     net = parser.get_parsed_content("network_def")
     assert _in_channels(net.focus) == _in_channels(net.glance) == 3
     context = [16, 16, 16] if "train.json" in workflow else [0, 0, 0]
