@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CT ?=
 OUT ?= output/demo
 
-.PHONY: setup system-deps demo test test-all bench pack clean
+.PHONY: setup system-deps demo test test-all lint format bench pack clean
 
 # The environment takes about 8.2 GB (MONAI Label needs torchvision, whose wheel brings a CUDA build of torch):
 # check the disk first so that a full one fails with this message, not half-way through pip.
@@ -18,6 +18,29 @@ $(VENV)/.installed: requirements.lock
 	touch $@
 
 setup: $(VENV)/.installed
+
+# Code style as the model-zoo checks it (black, isort, flake8 at 120 columns: pyproject.toml, setup.cfg; the bundle
+# configs as its pre-commit's pretty-format-json writes them). `make format` rewrites, `make lint` only checks.
+# The tools are pinned in requirements-dev.lock and go into the venv, which is set up first only where it is missing.
+DEV_TOOLS := $(VENV)/.dev-installed
+PY_SOURCES := bundle monailabel_app tests
+JSON_CONFIGS = $(wildcard bundle/configs/*.json)
+PRETTY_JSON := $(VENV)/bin/pretty-format-json --no-sort-keys --indent=4
+$(DEV_TOOLS): requirements-dev.lock
+	@[ -f $(VENV)/.installed ] || $(MAKE) setup
+	$(PY) -m pip install --quiet --no-cache-dir --no-deps -r requirements-dev.lock
+	touch $@
+
+format: $(DEV_TOOLS)
+	$(VENV)/bin/isort --quiet $(PY_SOURCES)
+	$(VENV)/bin/black --quiet $(PY_SOURCES)
+	$(PRETTY_JSON) --autofix $(JSON_CONFIGS) >/dev/null || $(PRETTY_JSON) $(JSON_CONFIGS)
+
+lint: $(DEV_TOOLS)
+	$(VENV)/bin/isort --check-only --diff $(PY_SOURCES)
+	$(VENV)/bin/black --check --diff $(PY_SOURCES)
+	$(VENV)/bin/flake8 --count --statistics $(PY_SOURCES)
+	$(PRETTY_JSON) $(JSON_CONFIGS)
 
 # Orthanc (DICOMweb tests) comes from Debian; installed only when running as root with apt, else those tests skip.
 system-deps:

@@ -5,7 +5,7 @@ import pytest
 from scripts.ablation import _write_report, ablation
 from scripts.metrics import evaluate_case, summarise_cases
 
-from test_metrics import EMPTY, _window, cube
+from test_metrics import _window, cube
 
 
 def test_report_rows_count_lesions_reached_and_found(tmp_path):

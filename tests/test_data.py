@@ -213,6 +213,7 @@ def test_bundle_training_transforms_on_bad_cases(cases):
     and turns a lesion-free case into an all-background label."""
     parser = ConfigParser()
     parser.read_config(str(BUNDLE_ROOT / "configs" / "train.json"))
+    parser["bundle_root"] = str(BUNDLE_ROOT)
     pre = parser.get_parsed_content("validate#preprocessing")
     # MONAI's Compose wraps a transform's error in a RuntimeError "applying transform ..." raised from it: the
     # traceback a user sees shows the whole chain, so the file must be named somewhere in it.
@@ -224,7 +225,7 @@ def test_bundle_training_transforms_on_bad_cases(cases):
     assert cases["truncated"] in _chain(err.value)
     out = pre({"image": cases["healthy"]})
     assert out["label"].shape[1:] == out["image"].shape[1:] and int(out["label"].sum()) == 0
-    assert out["image"].shape[0] == len(parser["hu_windows"])
+    assert out["image"].shape[0] == len(parser.get_parsed_content("hu_windows"))
 
 
 def _window_crops(label: torch.Tensor, seed: int, **kwargs) -> list[dict]:

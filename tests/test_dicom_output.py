@@ -115,7 +115,7 @@ def _break(folder: Path, how: str) -> str:
         ds.save_as(files[0])
         return f"{files[0].name} is a multi-frame image"
     if how == "tilt":
-        for k, f in enumerate(files):
+        for f in files:
             ds = pydicom.dcmread(f)
             x, _, z = map(float, ds.ImagePositionPatient)
             ds.ImagePositionPatient = [x, 0.3 * int(ds.InstanceNumber), z]

@@ -81,6 +81,7 @@ def test_training_loads_gpu_saved_weights_on_a_cpu_only_server(tmp_path, monkeyp
     shutil.copytree(BUNDLE_DIR, bundle, ignore=shutil.ignore_patterns("__pycache__", "eval", "runs", "models"))
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "train.json"))
+    parser["bundle_root"] = str(bundle)
     state = parser.get_parsed_content("network_def").state_dict()
     weights = bundle / "models" / "model.pt"
     weights.parent.mkdir()

@@ -23,6 +23,7 @@ def _parser(*configs: str) -> ConfigParser:
     parser = ConfigParser()
     parser.read_config([str(CONFIGS / c) for c in configs])
     parser.read_meta(META)
+    parser["bundle_root"] = str(BUNDLE_ROOT)
     return parser
 
 
@@ -142,8 +143,8 @@ def test_metadata_matches_configs(config):
     parser = _parser(config)
     fmt = parser["_meta_"]["network_data_format"]
     image, pred = fmt["inputs"]["image"], fmt["outputs"]["pred"]
-    assert image["num_channels"] == len(parser["hu_windows"]) == len(image["channel_def"])
-    assert image["spatial_shape"] == parser["roi_size"] == pred["spatial_shape"]
+    assert image["num_channels"] == len(parser.get_parsed_content("hu_windows")) == len(image["channel_def"])
+    assert image["spatial_shape"] == parser.get_parsed_content("roi_size") == pred["spatial_shape"]
     assert pred["channel_def"]["0"] == "background"  # background first, as model-zoo requires
     assert pred["num_channels"] == len(pred["channel_def"]) == 2
     net = parser.get_parsed_content("network_def")
@@ -154,16 +155,16 @@ def test_metadata_matches_configs(config):
 def test_verify_net_in_out(config):
     """MONAI's model-zoo CI check (channels and dtype from metadata.json) on the Focus output, and the same check
     on the Glance head (2 logits: discard, keep)."""
-    verify_net_in_out(net_id="network_def", meta_file=META, config_file=str(CONFIGS / config), device="cpu")
+    verify_net_in_out(net_id="network_def", meta_file=META, config_file=str(CONFIGS / config), device="cpu", bundle_root=str(BUNDLE_ROOT))
     # the Glance as inference runs it: on a bare window (training feeds it crops with context instead)
     verify_net_in_out(
-        net_id="network_def", meta_file=META, config_file=str(CONFIGS / config), device="cpu",
+        net_id="network_def", meta_file=META, config_file=str(CONFIGS / config), device="cpu", bundle_root=str(BUNDLE_ROOT),
         extra_forward_args={"glance": True}, **({"glance_context": [0, 0, 0]} if config == "train.json" else {}),
     )
     # a wrong channel count in metadata must be caught (the check is not vacuous)
     with pytest.raises(ValueError, match="output channel number"):
         verify_net_in_out(
-            net_id="network_def", meta_file=META, config_file=str(CONFIGS / config), device="cpu",
+            net_id="network_def", meta_file=META, config_file=str(CONFIGS / config), device="cpu", bundle_root=str(BUNDLE_ROOT),
             **{"_meta_#network_data_format#outputs#pred#num_channels": 3},
         )
 

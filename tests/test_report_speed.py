@@ -4,7 +4,6 @@ probability over the CT, and the mask written in NIfTI's own layout."""
 
 from __future__ import annotations
 
-import io
 import time
 
 import nibabel as nib

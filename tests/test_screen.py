@@ -436,8 +436,9 @@ def test_lesions_below_min_volume_are_dropped_in_mm3_of_the_input(tmp_path, phan
     parser["output_dir"] = str(tmp_path)
     train = ConfigParser()
     train.read_config(str(BUNDLE_ROOT / "configs" / "train.json"))
+    train["bundle_root"] = str(BUNDLE_ROOT)
     min_mm3 = parser["min_lesion_mm3"]
-    assert min_mm3 == train["min_lesion_mm3"] > 0
+    assert min_mm3 == train.get_parsed_content("min_lesion_mm3") > 0
     path = tmp_path / "case.nii.gz"
     nib.save(nib.Nifti1Image(phantom.image, phantom.affine), str(path))
     data = parser.get_parsed_content("preprocessing")({"image": str(path)})

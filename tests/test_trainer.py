@@ -1,13 +1,17 @@
 """GRPOTrainer: MONAI iteration events, loss terms, Glance updates, the frozen reference policy and its refresh."""
 
 import copy
+import inspect
 import os
 
 import pytest
 import torch
 from ignite.engine import Events
+from monai.data import MetaTensor
+from monai.engines import SupervisedTrainer, default_prepare_batch
 from monai.engines.utils import IterationEvents
 from monai.handlers import CheckpointSaver
+from monai.inferers import Inferer
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 from torch import nn
@@ -411,3 +415,67 @@ def _resume_and_run(ckpt_dir, max_epochs: int, n_saved: int) -> tuple[str | None
     trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: epochs.append(e.state.epoch))
     trainer.run()
     return resumed, epochs
+
+
+class RecordingInferer(Inferer):
+    """SimpleInferer that records each call (input type and shape, keyword arguments) and its result."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[type, tuple, dict]] = []
+        self.results: list[torch.Tensor] = []
+
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args, **kwargs) -> torch.Tensor:
+        self.calls.append((type(inputs), tuple(inputs.shape), dict(kwargs)))
+        self.results.append(network(inputs, *args, **{k: v for k, v in kwargs.items() if k != "tag"}))
+        return self.results[-1]
+
+
+def _tagged_prepare_batch(seen: list):
+    """default_prepare_batch that records its keyword arguments and asks for one extra network keyword, ``tag``."""
+
+    def prepare(batchdata, device=None, non_blocking=False, **kwargs):
+        seen.append(kwargs)
+        image, label = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
+        return image, label, (), {"tag": "from prepare_batch"}
+
+    return prepare
+
+
+def test_inferer_and_to_kwargs_are_used_for_both_forward_passes():
+    """train#inferer and to_kwargs are MONAI's knobs: the Focus pass on the windows and the Glance pass on the
+    crops go through the inferer, with prepare_batch's extra arguments, and the loss uses what it returns."""
+    inferer, seen = RecordingInferer(), []
+    trainer = _trainer(
+        _net(), [_batch()], inferer=inferer, prepare_batch=_tagged_prepare_batch(seen), to_kwargs={"copy": True}
+    )
+    trainer.run()
+    assert seen == [{"copy": True}]
+    shape = (2 * GROUP, 1, *WINDOW)
+    tag = {"tag": "from prepare_batch"}
+    assert [c[1:] for c in inferer.calls] == [(shape, tag), (shape, {**tag, "glance": True})]
+    assert trainer.state.output["pred"] is inferer.results[0]
+    assert inferer.results[1].shape == (2 * GROUP, 2)  # the Glance's keep/discard logits
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_compile_compiles_the_network_and_feeds_it_plain_tensors(monkeypatch, compile):
+    """compile=True: SupervisedTrainer compiles the network and, as MONAI does for torch.compile, the iteration
+    hands it plain tensors, not MetaTensors (torch.compile is replaced by a recorder: compiling takes minutes)."""
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda net, **kwargs: compiled.append(kwargs) or net)
+    batch = {k: MetaTensor(v) for k, v in _batch().items()}
+    inferer = RecordingInferer()
+    trainer = _trainer(_net(), [batch], inferer=inferer, compile=compile, compile_kwargs={"mode": "default"})
+    trainer.run()
+    assert compiled == ([{"mode": "default"}] if compile else [])
+    assert [c[0] for c in inferer.calls] == [torch.Tensor if compile else MetaTensor] * 2
+
+
+@pytest.mark.skipif(
+    "accumulation_steps" not in inspect.signature(SupervisedTrainer).parameters, reason="MONAI < 1.6 has no such knob"
+)
+def test_gradient_accumulation_is_refused():
+    """MONAI 1.6's accumulation_steps would be ignored by the GRPO iteration: it is refused, not silently dropped."""
+    with pytest.raises(ValueError, match="does not accumulate gradients"):
+        _trainer(_net(), [_batch()], accumulation_steps=2)
+    _trainer(_net(), [_batch()], accumulation_steps=1)

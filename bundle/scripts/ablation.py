@@ -47,7 +47,7 @@ def ablation(
 ) -> dict:
     """Train (unless ``train`` is False: re-score trained arms) and evaluate each arm; write ``summary.json`` in
     ``out_dir`` and, if given, a Markdown ``report``.
-    ``overrides`` (config id -> value) apply to both arms, e.g. ``{"glance_def#window_pool": "max"}``.
+    ``overrides`` (config id -> value) apply to both arms, e.g. ``{"glance_ce_weight": 0.1}``.
 
     Raises:
         FileExistsError: ``report`` exists (checked before any training, so that a long run cannot end by

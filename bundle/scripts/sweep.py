@@ -31,7 +31,8 @@ from .transforms import LesionConfidenceFilterd
 
 HEADER = (
     "| glance threshold | min lesion mm3 | min peak p | FP comps / scan | recall < 1 mL | recall 1-5 mL | recall >= 5 mL "
-    "| pred / true volume (median) | DSC | kept fraction | lesion-free scans with a finding |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    "| pred / true volume (median) | DSC | kept fraction | lesion-free scans with a finding |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import fire
-import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 

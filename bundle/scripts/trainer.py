@@ -11,9 +11,10 @@ from typing import Any
 
 import torch
 from ignite.engine import Events
+from monai.data import MetaTensor
 from monai.engines import SupervisedTrainer
-from monai.handlers import CheckpointLoader, CheckpointSaver
 from monai.engines.utils import IterationEvents
+from monai.handlers import CheckpointLoader, CheckpointSaver
 from monai.utils import CommonKeys as Keys
 
 from . import grpo
@@ -45,6 +46,11 @@ class GRPOTrainer(SupervisedTrainer):
             Glance reads the whole crop, the Focus, the reward and the CE label use the centre window.
         std_floor, advantage_clamp: numerical guards of the group advantage.
         other args: as :class:`monai.engines.SupervisedTrainer`; ``network`` is a GlanceFocusNet (maybe DDP).
+            As there, ``prepare_batch`` gets ``to_kwargs``, both forward passes (the Focus on the windows, the
+            Glance on the crops, ``glance=True``) go through ``inferer`` with the extra arguments that
+            ``prepare_batch`` returns, and ``compile`` compiles the network and feeds it plain tensors (MONAI's
+            workaround for MetaTensors under ``torch.compile``). ``accumulation_steps`` (MONAI >= 1.6) is refused:
+            the frozen reference and the group statistics are per iteration.
     """
 
     def __init__(
@@ -63,6 +69,10 @@ class GRPOTrainer(SupervisedTrainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        if getattr(self, "accumulation_steps", 1) != 1:
+            raise ValueError(
+                f"GRPOTrainer does not accumulate gradients, got accumulation_steps={self.accumulation_steps}."
+            )
         if reward not in grpo.REWARDS:
             raise ValueError(f"reward must be one of {sorted(grpo.REWARDS)}, got {reward!r}.")
         if group_size < 2:
@@ -90,7 +100,11 @@ class GRPOTrainer(SupervisedTrainer):
     def _iteration(self, engine: GRPOTrainer, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
-        inputs, targets = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)[:2]
+        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        inputs, targets = batch[:2]
+        args, kwargs = (batch[2], batch[3]) if len(batch) == 4 else ((), {})
+        if engine.compile:  # as SupervisedTrainer: torch.compile takes plain tensors (pytorch issue 117026)
+            inputs, targets = (x.as_tensor() if isinstance(x, MetaTensor) else x for x in (inputs, targets))
         if inputs.shape[0] % engine.group_size:
             raise ValueError(
                 f"a batch of {inputs.shape[0]} windows is not a whole number of groups of {engine.group_size}: "
@@ -101,7 +115,7 @@ class GRPOTrainer(SupervisedTrainer):
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         use_amp = engine.amp and engine.scaler is not None
         with torch.autocast("cuda", **engine.amp_kwargs) if use_amp else nullcontext():
-            engine.state.output.update(engine._losses(inputs, targets))
+            engine.state.output.update(engine._losses(inputs, targets, *args, **kwargs))
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         loss = engine.state.output[Keys.LOSS]
@@ -117,12 +131,14 @@ class GRPOTrainer(SupervisedTrainer):
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
 
-    def _losses(self, crops: torch.Tensor, crop_targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _losses(
+        self, crops: torch.Tensor, crop_targets: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> dict[str, torch.Tensor]:
         """Forward both models on the windows and return the loss terms and the logged statistics."""
         centre = (..., *(slice(c, n - c) for c, n in zip(self.context, crops.shape[2:])))
         inputs, targets = crops[centre], crop_targets[centre]
-        seg_logits = self.network(inputs)
-        glance_logits = self.network(crops, glance=True)
+        seg_logits = self.inferer(inputs, self.network, *args, **kwargs)
+        glance_logits = self.inferer(crops, self.network, *args, glance=True, **kwargs)
         with torch.no_grad():
             ref_logits = self.reference.train(self.network.training)(crops)
             seg = seg_logits.argmax(1, keepdim=True)
@@ -184,6 +200,8 @@ def resume_latest(trainer: GRPOTrainer, saver: CheckpointSaver) -> str | None:
         trainer.logger.warning(f"skipping incomplete checkpoint {ckpts.pop()} (the run was killed while saving it)")
     if not ckpts:
         return None
-    CheckpointLoader(load_path=str(ckpts[-1]), load_dict=saver.save_dict, map_location=trainer.state.device).attach(trainer)
+    CheckpointLoader(load_path=str(ckpts[-1]), load_dict=saver.save_dict, map_location=trainer.state.device).attach(
+        trainer
+    )
     trainer.logger.info(f"resuming from {ckpts[-1]}")
     return str(ckpts[-1])
