@@ -12,7 +12,7 @@ import torch
 from monai.bundle import ConfigParser, verify_net_in_out
 from monai.networks.nets import UNet
 
-from scripts.networks import KEEP, GlanceFocusNet, GlanceNet, unwrap, window_logits
+from scripts.networks import KEEP, GlanceFocusNet, GlanceNet, load_pretrained, unwrap, window_logits
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1] / "bundle"
 CONFIGS = BUNDLE_ROOT / "configs"
@@ -282,3 +282,23 @@ def test_train_json_pretrained_focus_initialises_the_focus_before_training(tmp_p
     network = parser.get_parsed_content("network")
     assert all(torch.all(p == 0.25) for p in network.focus.parameters())
     assert not all(torch.all(p == 0.25) for p in network.glance.parameters())
+
+
+def test_train_json_pretrained_initialises_both_networks_before_training(tmp_path):
+    parser = _parser("train.json")
+    assert parser["pretrained"] is None and parser.get_parsed_content("run#1") is None
+    source = _parser("train.json").get_parsed_content("network_def")
+    for i, p in enumerate(source.parameters()):
+        torch.nn.init.constant_(p, 0.01 * (i + 1))
+    torch.save(source.state_dict(), tmp_path / "model.pt")
+    parser = _parser("train.json")
+    parser["pretrained"] = str(tmp_path / "model.pt")
+    parser.get_parsed_content("run#1")  # after the Focus-only option, before the checkpoint and resume steps
+    network = parser.get_parsed_content("network")
+    for (name, loaded), expected in zip(network.state_dict().items(), source.state_dict().values()):
+        torch.testing.assert_close(loaded, expected, msg=name)
+
+    focus_only = {k: v for k, v in source.state_dict().items() if k.startswith("focus.")}
+    torch.save(focus_only, tmp_path / "focus.pt")
+    with pytest.raises(ValueError, match="no Glance and Focus weights"):
+        load_pretrained(_parser("train.json").get_parsed_content("network_def"), str(tmp_path / "focus.pt"))

@@ -153,6 +153,17 @@ def load_focus(network: nn.Module, path: str) -> nn.Module:
     return network
 
 
+def load_pretrained(network: nn.Module, path: str) -> nn.Module:
+    """Initialise the whole ``network`` (Glance and Focus, possibly DDP-wrapped) from a ``model.pt``, to fine-tune
+    trained weights with other settings (0.6.0 was 0.5.0 fine-tuned with a larger Focus window: both networks are
+    fully convolutional, so their weights fit any window size)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not any(k.startswith("focus.") for k in state) or not any(k.startswith("glance.") for k in state):
+        raise ValueError(f"{path} holds no Glance and Focus weights ('glance.*', 'focus.*'): not a GF-Screen model.pt.")
+    unwrap(network).load_state_dict(state)
+    return network
+
+
 def unwrap(network: nn.Module) -> nn.Module:
     """The module inside a DistributedDataParallel / DataParallel wrapper (or the module itself)."""
     return getattr(network, "module", network)
