@@ -2,12 +2,16 @@
 
 import copy
 import os
+from pathlib import Path
 
 import pytest
 import torch
 from ignite.engine import Events
+from ignite.metrics import Metric
+from monai.bundle import ConfigParser
+from monai.engines import SupervisedEvaluator
 from monai.engines.utils import IterationEvents
-from monai.handlers import CheckpointSaver
+from monai.handlers import CheckpointSaver, ValidationHandler
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 from torch import nn
@@ -18,6 +22,7 @@ from scripts.trainer import LOG_KEYS, GRPOTrainer, ReferencePolicyRefresh, log_t
 
 GROUP = 4
 WINDOW = (16, 16, 16)
+TRAIN_JSON = Path(__file__).resolve().parents[1] / "bundle" / "configs" / "train.json"
 
 
 def _net(seed: int = 0) -> GlanceFocusNet:
@@ -411,3 +416,72 @@ def _resume_and_run(ckpt_dir, max_epochs: int, n_saved: int) -> tuple[str | None
     trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: epochs.append(e.state.epoch))
     trainer.run()
     return resumed, epochs
+
+
+class ScriptedScore(Metric):
+    """A key metric that reports the given scores, one per validation."""
+
+    def __init__(self, scores: list[float]) -> None:
+        self.scores = iter(scores)
+        super().__init__()
+
+    def reset(self) -> None:
+        pass
+
+    def update(self, output) -> None:
+        pass
+
+    def compute(self) -> float:
+        return next(self.scores)
+
+
+def _validated_run(ckpt_dir, scores: list[float], max_epochs: int, resume: bool) -> list[bool]:
+    """A tiny training with train.json's two checkpoint savers (``train#checkpoint``, ``validate#checkpoint``)
+    wired as there: a validation after each epoch scores ``scores`` in turn. Returns, per validation, whether
+    ``model.pt`` then holds the weights just validated (i.e. the best-model saver saved them)."""
+    net = _net()
+    trainer = _trainer(net, [_batch()], max_epochs=max_epochs)
+    parser = ConfigParser()
+    parser.read_config(str(TRAIN_JSON))
+    parser.update({"ckpt_dir": str(ckpt_dir), "network": net, "optimizer": trainer.optimizer, "train#trainer": trainer})
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"),
+        val_data_loader=[_batch()],
+        network=net,
+        key_val_metric={"val_lesion_dice": ScriptedScore(scores)},
+        val_handlers=[parser.get_parsed_content("validate#checkpoint")],
+    )
+    saved = []
+    evaluator.add_event_handler(
+        Events.EPOCH_COMPLETED,
+        lambda e: saved.append(_equal(torch.load(Path(ckpt_dir) / "model.pt", weights_only=True), net.state_dict())),
+    )
+    ValidationHandler(interval=1, validator=evaluator).attach(trainer)  # a train handler: before the checkpoint
+    checkpoint = parser.get_parsed_content("train#checkpoint")
+    checkpoint.attach(trainer)
+    if resume:
+        assert resume_latest(trainer, checkpoint) is not None
+    trainer.run()
+    return saved
+
+
+def test_a_resumed_run_keeps_the_best_model_when_its_first_validation_is_worse(tmp_path):
+    """Scores 0.6, 0.9, then (resumed) 0.4, 0.95: ``model.pt`` keeps epoch 2's weights through the worse epoch 3 and
+    takes epoch 4's. A resumed run once forgot the best score and saved epoch 3 over it."""
+    assert _validated_run(tmp_path, [0.6, 0.9], max_epochs=2, resume=False) == [True, True]
+    best = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert _validated_run(tmp_path, [0.4, 0.95], max_epochs=4, resume=True) == [False, True]
+    assert not _equal(torch.load(tmp_path / "model.pt", weights_only=True), best)  # epoch 4's
+
+
+def test_a_checkpoint_without_the_best_model_record_resumes_with_a_warning(tmp_path, caplog):
+    """Checkpoints written before the record was saved with them resume the model, optimizer and engine state,
+    and say that the best score is forgotten (the next validation saves ``model.pt``)."""
+    _validated_run(tmp_path, [0.6], max_epochs=1, resume=False)
+    ckpt = tmp_path / "checkpoint_epoch=1.pt"
+    old = torch.load(ckpt, weights_only=True)
+    del old["best_model"]
+    torch.save(old, ckpt)
+    with caplog.at_level("WARNING"):
+        assert _validated_run(tmp_path, [0.4], max_epochs=2, resume=True) == [True]
+    assert f"{ckpt} has no 'best_model'" in caplog.text
