@@ -174,7 +174,7 @@ def log_terms(output: Mapping[str, Any] | list) -> dict[str, float]:
 
 
 class BestModelSaver(CheckpointSaver):
-    """MONAI's CheckpointSaver that also gives its record of the best key metric (``state_dict``), so that the
+    """MONAI's key-metric CheckpointSaver that also gives its record of the best score (``state_dict``), so that the
     training checkpoints carry it and :func:`resume_latest` restores it (MONAI's ``load_state_dict``).
 
     MONAI keeps that record only inside the best model's own file (``key_metric_save_state``), which would add a
@@ -183,7 +183,7 @@ class BestModelSaver(CheckpointSaver):
 
     def state_dict(self) -> dict:
         """The best key-metric scores saved so far and their files: ``{"saved": [(score, filename), ...]}``."""
-        saved = self._key_metric_checkpoint.state_dict()["saved"] if self._key_metric_checkpoint is not None else []
+        saved = self._key_metric_checkpoint.state_dict()["saved"]
         return {"saved": [(float(score), name) for score, name in saved]}  # plain floats: torch.load(weights_only)
 
 
@@ -200,7 +200,7 @@ def resume_latest(trainer: GRPOTrainer, saver: CheckpointSaver) -> str | None:
         trainer.logger.warning(f"skipping incomplete checkpoint {ckpts.pop()} (the run was killed while saving it)")
     if not ckpts:
         return None
-    saved = torch.load(ckpts[-1], map_location="cpu", weights_only=True, mmap=True).keys()
+    saved = torch.load(ckpts[-1], map_location="cpu", mmap=True).keys()  # mmap: the entries' names, not their data
     load_dict = {k: v for k, v in saver.save_dict.items() if k in saved or not isinstance(v, CheckpointSaver)}
     for k in saver.save_dict.keys() - load_dict.keys():
         trainer.logger.warning(f"{ckpts[-1]} has no {k!r}: the next validation replaces the best model even if worse")
