@@ -33,6 +33,7 @@ def test_advantage_std_floor_and_clamp():
     r = torch.zeros(1, 100)
     r[0, 0] = 1
     assert grpo.group_advantage(r, clamp=5.0)[0, 0].item() == pytest.approx(5.0)
+    assert grpo.group_advantage(r)[0, 0].item() == pytest.approx(5.0)  # the default clamp
 
 
 @pytest.mark.parametrize(
@@ -101,6 +102,12 @@ def test_grpo_loss_combines_surrogate_and_kl():
     # the discard action's probabilities are 0.4 vs 0.5
     loss, _ = grpo.grpo_loss(logits_for(0.6), logits_for(0.5), torch.tensor([0]), torch.tensor([2.0]), eps=0.1, beta=0.0)
     assert loss.item() == pytest.approx(-1.6, abs=1e-6)
+
+
+def test_grpo_loss_defaults_are_the_papers_eps_and_beta():
+    # eps 0.1 clips the ratio 0.6 / 0.5 to 1.1; beta 0.01 weighs the KL 0.0156549 (as in the test above)
+    loss, _ = grpo.grpo_loss(logits_for(0.6), logits_for(0.5), torch.tensor([1]), torch.tensor([2.0]))
+    assert loss.item() == pytest.approx(-(2.2 - 0.01 * 0.0156549), abs=1e-6)
 
 
 def test_policy_gradient_raises_keep_for_positive_advantage():

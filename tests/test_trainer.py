@@ -3,14 +3,17 @@
 import copy
 import inspect
 import os
+from pathlib import Path
 
 import pytest
 import torch
 from ignite.engine import Events
+from ignite.metrics import Metric
+from monai.bundle import ConfigParser
 from monai.data import MetaTensor
-from monai.engines import SupervisedTrainer, default_prepare_batch
+from monai.engines import SupervisedEvaluator, SupervisedTrainer, default_prepare_batch
 from monai.engines.utils import IterationEvents
-from monai.handlers import CheckpointSaver
+from monai.handlers import CheckpointSaver, ValidationHandler
 from monai.inferers import Inferer
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
@@ -22,6 +25,7 @@ from scripts.trainer import LOG_KEYS, GRPOTrainer, ReferencePolicyRefresh, log_t
 
 GROUP = 4
 WINDOW = (16, 16, 16)
+TRAIN_JSON = Path(__file__).resolve().parents[1] / "bundle" / "configs" / "train.json"
 
 
 def _net(seed: int = 0) -> GlanceFocusNet:
@@ -44,6 +48,7 @@ def _batch(n_windows: int = 2 * GROUP, seed: int = 0) -> dict:
 
 def _trainer(net, batches, max_epochs=1, optimizer=None, **kwargs) -> GRPOTrainer:
     kwargs.setdefault("group_size", GROUP)
+    kwargs.setdefault("amp", False)
     return GRPOTrainer(
         device=torch.device("cpu"),
         max_epochs=max_epochs,
@@ -52,7 +57,6 @@ def _trainer(net, batches, max_epochs=1, optimizer=None, **kwargs) -> GRPOTraine
         optimizer=optimizer or torch.optim.AdamW(net.parameters(), lr=1e-2),
         loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
         decollate=False,
-        amp=False,
         **kwargs,
     )
 
@@ -91,6 +95,19 @@ def _fixed_actions(monkeypatch, actions: list[int]) -> None:
     monkeypatch.setattr(grpo, "sample_actions", sample)
 
 
+def _spy_grpo_loss(monkeypatch) -> dict:
+    """Record the actions, advantages, eps and beta the trainer passes to the policy loss (which still runs)."""
+    seen = {}
+    real_loss = grpo.grpo_loss
+
+    def spy(glance_logits, ref_logits, actions, advantage, eps, beta):
+        seen.update(actions=actions.clone(), advantage=advantage.clone(), eps=eps, beta=beta)
+        return real_loss(glance_logits, ref_logits, actions, advantage, eps, beta)
+
+    monkeypatch.setattr(grpo, "grpo_loss", spy)
+    return seen
+
+
 def _p_keep(glance: nn.Module, image: torch.Tensor) -> torch.Tensor:
     """p(keep) per window as the trainer computes it (training mode: batch statistics)."""
     with torch.no_grad():
@@ -118,7 +135,10 @@ def test_trainer_warns_when_the_crop_context_is_less_than_the_glance_needs(caplo
     net = _net()  # receptive field 70 voxels: 32 voxels of context needed
     with caplog.at_level("WARNING"):
         _trainer(net, [_batch()], glance_context=(8, 8, 8))
-    assert "glance_context [8, 8, 8] is less than the 32 voxels" in caplog.text
+    assert (
+        "glance_context [8, 8, 8] is less than the 32 voxels the Glance's receptive field (70 voxels) needs: its "
+        "scores on training crops will differ from its scores on whole volumes at inference." in caplog.text
+    )
     caplog.clear()
     with caplog.at_level("WARNING"):
         _trainer(net, [_batch()], glance_context=(32, 32, 32))
@@ -217,8 +237,145 @@ def test_reference_refresh_defaults_to_every_epoch():
 
 def test_batch_not_divisible_by_group_size():
     trainer = _trainer(_net(), [_batch(n_windows=6)])
-    with pytest.raises(ValueError, match=r"6 windows is not a whole number of groups of 4"):
+    with pytest.raises(ValueError, match=r"6 windows is not a whole number of groups of 4: set the crop transform's "):
         trainer.run()
+    with pytest.raises(ValueError, match="Must provide batch data"):
+        trainer._iteration(trainer, None)
+
+
+def test_groups_of_two_are_allowed(monkeypatch):
+    """The smallest group (two windows of one scan) is accepted, and its advantages are relative within the pair."""
+    _fixed_actions(monkeypatch, [1, 0, 1, 1])  # L kept (1) and F discarded (1); L kept (1) and F kept (0)
+    seen = _spy_grpo_loss(monkeypatch)
+    torch.manual_seed(0)
+    net = GlanceFocusNet(GlanceNet(1, downsample=2, channels=(4, 8, 8), strides=(2, 2, 1)), BrightFocus())
+    _trainer(net, [_windows("LFLF")], group_size=2).run()
+    assert seen["advantage"].tolist() == [0.0, 0.0, 1.0, -1.0]
+
+
+def test_defaults_are_the_papers(monkeypatch):
+    """Left at their defaults: alpha 0.1 (loss = seg + 0.1 CE + policy loss from the first epoch), eps 0.1 and beta
+    0.01 in the policy loss, std floor 0.01 and clamp 5 in the group advantage, the binary detection reward."""
+    actions = [1, 1, 0, 0, 1, 0, 1, 0]
+    _fixed_actions(monkeypatch, actions)
+    seen = _spy_grpo_loss(monkeypatch)
+    real_advantage = grpo.group_advantage
+
+    def advantage_spy(rewards, std_floor, clamp):
+        seen.update(rewards=rewards.clone(), std_floor=std_floor, clamp=clamp)
+        return real_advantage(rewards, std_floor, clamp)
+
+    monkeypatch.setattr(grpo, "group_advantage", advantage_spy)
+    torch.manual_seed(0)
+    net = GlanceFocusNet(GlanceNet(1, downsample=2, channels=(4, 8, 8), strides=(2, 2, 1)), BrightFocus())
+    batch = _windows("LFLF" "MFFL")
+    trainer = GRPOTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=[batch],
+        network=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.0),
+        loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
+        decollate=False,
+        group_size=GROUP,
+    )
+    trainer.run()
+    out = trainer.state.output
+    assert (seen["eps"], seen["beta"], seen["std_floor"], seen["clamp"]) == (0.1, 0.01, 0.01, 5.0)
+    torch.testing.assert_close(out["loss"].detach(), out["seg_loss"] + 0.1 * out["glance_ce"] + out["rl_loss"])
+    assert float(out["rl_loss"]) != 0.0
+    found = grpo.detection_reward(out["pred"].detach().argmax(1, keepdim=True), batch["label"], torch.tensor(actions))
+    # kept L, kept F, discarded L, discarded F | kept M (missed), discarded F, kept F, discarded L
+    assert seen["rewards"].flatten().tolist() == found.tolist() == [1, 0, 0, 1, 0, 1, 0, 0]
+
+
+def test_positional_arguments_reach_the_supervised_trainer():
+    """device, max_epochs, data loader, network, optimizer and loss may be given by position, as to MONAI's."""
+    net, loader, loss = _net(), [_batch()], DiceCELoss(to_onehot_y=True, softmax=True)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    trainer = GRPOTrainer(torch.device("cpu"), 3, loader, net, optimizer, loss, group_size=GROUP)
+    assert (trainer.state.max_epochs, trainer.data_loader, trainer.network) == (3, loader, net)
+    assert (trainer.optimizer, trainer.loss_function) == (optimizer, loss)
+
+
+def test_iteration_prepares_the_batch_for_the_device_and_clears_gradients_as_configured():
+    """The batch goes through the configured prepare_batch with the engine's device and non_blocking flag (a
+    prepare_batch may return extra inputs after image and label), and gradients are cleared with
+    optim_set_to_none."""
+    calls = []
+
+    def prepare(batch, device, non_blocking, **kwargs):
+        calls.append((device, non_blocking))
+        return batch["image"].to(device), batch["label"].to(device), (), {}
+
+    net = _net()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    cleared = []
+    zero_grad = optimizer.zero_grad
+    optimizer.zero_grad = lambda set_to_none=True: cleared.append(set_to_none) or zero_grad(set_to_none)
+    trainer = _trainer(
+        net, [_batch()], optimizer=optimizer, prepare_batch=prepare, non_blocking=True, optim_set_to_none=True
+    )
+    trainer.run()
+    assert calls == [(torch.device("cpu"), True)]
+    assert cleared == [True]
+
+
+class RecordingScaler:
+    """A GradScaler stand-in that records its calls and passes the loss and the step through unscaled."""
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def scale(self, loss):
+        self.calls.append(("scale", loss))
+        return loss
+
+    def step(self, optimizer):
+        self.calls.append(("step", optimizer))
+        optimizer.step()
+
+    def update(self):
+        self.calls.append(("update", None))
+
+
+@pytest.mark.parametrize("amp", [True, False])
+def test_amp_computes_the_losses_under_cuda_autocast_and_steps_through_the_grad_scaler(monkeypatch, amp):
+    """With amp (a GPU run), the losses are computed under ``torch.autocast("cuda", **amp_kwargs)`` and the update
+    goes through the GradScaler (scale the loss, backward, step, update) between MONAI's iteration events; without,
+    neither is used. Checked on the CPU with a recording autocast and GradScaler."""
+    scaler, autocasts, events = RecordingScaler(), [], []
+
+    class RecordingAutocast:
+        def __init__(self, device_type, **kwargs):
+            autocasts.append((device_type, kwargs))
+
+        def __enter__(self):
+            events.append("autocast")
+
+        def __exit__(self, *exc):
+            events.append("autocast exit")
+
+    monkeypatch.setattr(torch, "autocast", RecordingAutocast)
+    monkeypatch.setattr(torch.cuda.amp, "GradScaler", lambda: scaler)
+    net = _net()
+    trainer = _trainer(net, [_batch()], amp=amp, amp_kwargs={"dtype": torch.bfloat16})
+    losses = trainer._losses
+    monkeypatch.setattr(trainer, "_losses", lambda *a: events.append("losses") or losses(*a))
+    for event in (IterationEvents.LOSS_COMPLETED, IterationEvents.BACKWARD_COMPLETED, IterationEvents.MODEL_COMPLETED):
+        trainer.add_event_handler(event, lambda e, name=event.name: events.append(name))
+    before = copy.deepcopy(net.state_dict())
+    trainer.run()
+    assert not _equal(net.state_dict(), before)  # the optimiser stepped
+    updates = ["LOSS_COMPLETED", "BACKWARD_COMPLETED", "MODEL_COMPLETED"]
+    if amp:
+        assert autocasts == [("cuda", {"dtype": torch.bfloat16})]
+        assert [name for name, _ in scaler.calls] == ["scale", "step", "update"]
+        assert scaler.calls[0][1] is trainer.state.output["loss"] and scaler.calls[1][1] is trainer.optimizer
+        assert events == ["autocast", "losses", "autocast exit", *updates]
+    else:
+        assert autocasts == [] and scaler.calls == []
+        assert events == ["losses", *updates]
 
 
 @pytest.mark.parametrize("kwargs, match", [({"group_size": 1}, "group_size"), ({"reward": "iou"}, "reward")])
@@ -265,7 +422,7 @@ def test_resume_latest_in_process(tmp_path):
     assert trainer2.state.epoch == 3 and trainer2.state.iteration == 3
 
 
-def test_resume_skips_a_truncated_checkpoint(tmp_path):
+def test_resume_skips_a_truncated_checkpoint(tmp_path, caplog):
     """A run killed while saving leaves a truncated newest checkpoint (MONAI saves in place): resume from the
     newest complete one instead of crashing in torch.load."""
     net = _net()
@@ -279,9 +436,11 @@ def test_resume_skips_a_truncated_checkpoint(tmp_path):
     bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     os.utime(bad, (good.stat().st_mtime + 5, good.stat().st_mtime + 5))
 
-    resumed, epochs = _resume_and_run(tmp_path, max_epochs=2, n_saved=1)
+    with caplog.at_level("WARNING"):
+        resumed, epochs = _resume_and_run(tmp_path, max_epochs=2, n_saved=1)
     assert resumed == str(good)
     assert epochs == [2]
+    assert f"skipping incomplete checkpoint {bad} (the run was killed while saving it)" in caplog.text
 
     bad.rename(tmp_path / "checkpoint_epoch=9.pt")
     good.write_bytes(b"")  # nothing complete left: a fresh start, not a crash
@@ -316,22 +475,16 @@ def test_glance_context_crops_feed_the_centre_window_to_the_focus():
 
 def test_reward_advantage_and_ce_are_wired_per_scan_from_the_actions_taken(monkeypatch):
     """Two scans of four windows with known actions: the reward of each window follows from the Focus prediction,
-    the label and the action taken; advantages are relative within each scan; the CE label is "holds a lesion"."""
+    the label and the action taken; advantages are relative within each scan and clamped at the trainer's bound;
+    the policy loss gets the trainer's eps and beta; the CE label is "holds a lesion"."""
     batch = _windows("LFMF" "FLFL")
     actions = [1, 1, 1, 0, 1, 0, 0, 0]
     _fixed_actions(monkeypatch, actions)
-    seen = {}
-    real_loss = grpo.grpo_loss
-
-    def spy(glance_logits, ref_logits, acts, advantage, eps, beta):
-        seen.update(actions=acts.clone(), advantage=advantage.clone())
-        return real_loss(glance_logits, ref_logits, acts, advantage, eps, beta)
-
-    monkeypatch.setattr(grpo, "grpo_loss", spy)
+    seen = _spy_grpo_loss(monkeypatch)
     torch.manual_seed(0)
     net = GlanceFocusNet(GlanceNet(1, downsample=2, channels=(4, 8, 8), strides=(2, 2, 1)), BrightFocus())
     glance_before = copy.deepcopy(net.glance)
-    trainer = _trainer(net, [batch], alpha=0.1)
+    trainer = _trainer(net, [batch], alpha=0.1, eps=0.2, beta=0.05, advantage_clamp=1.5)
     trainer.run()
     out = trainer.state.output
 
@@ -342,13 +495,18 @@ def test_reward_advantage_and_ce_are_wired_per_scan_from_the_actions_taken(monke
     reward = torch.where(torch.tensor(actions).bool(), found, ~lesion).float()
     assert reward.tolist() == [1, 0, 0, 1, 0, 0, 1, 0]  # L, F, M (missed) kept, F discarded | F kept, L, F, L discarded
     assert float(out["reward"]) == pytest.approx(3 / 8)
-    # scan 1: mean 1/2, std 1/2; scan 2: mean 1/4, std sqrt(3)/4
-    expected = [1.0, -1.0, -1.0, 1.0, -1 / 3**0.5, -1 / 3**0.5, 3**0.5, -1 / 3**0.5]
+    # scan 1: mean 1/2, std 1/2; scan 2: mean 1/4, std sqrt(3)/4 (its one success's sqrt(3) clamped to 1.5)
+    expected = [1.0, -1.0, -1.0, 1.0, -1 / 3**0.5, -1 / 3**0.5, 1.5, -1 / 3**0.5]
     assert seen["actions"].tolist() == actions
     assert seen["advantage"].tolist() == pytest.approx(expected, abs=1e-5)
+    assert (seen["eps"], seen["beta"]) == (0.2, 0.05)
     # the CE term is the balanced CE of the Glance's logits against "window holds a lesion"
-    ce = grpo.balanced_ce(glance_before.train()(batch["image"]), grpo.window_has_lesion(batch["label"]))
-    torch.testing.assert_close(out["glance_ce"], ce.detach(), rtol=1e-5, atol=1e-6)
+    logits = glance_before.train()(batch["image"]).detach()
+    ce = grpo.balanced_ce(logits, grpo.window_has_lesion(batch["label"]))
+    torch.testing.assert_close(out["glance_ce"], ce, rtol=1e-5, atol=1e-6)
+    # the kept fraction is the share of windows whose keep logit is the larger
+    kept = sum(float(keep > discard) for discard, keep in logits.tolist()) / len(actions)
+    assert float(out["kept_fraction"]) == pytest.approx(kept)
 
 
 def test_one_step_with_positive_advantage_on_kept_lesion_windows_raises_their_p_keep(monkeypatch):
@@ -479,3 +637,72 @@ def test_gradient_accumulation_is_refused():
     with pytest.raises(ValueError, match="does not accumulate gradients"):
         _trainer(_net(), [_batch()], accumulation_steps=2)
     _trainer(_net(), [_batch()], accumulation_steps=1)
+
+
+class ScriptedScore(Metric):
+    """A key metric that reports the given scores, one per validation."""
+
+    def __init__(self, scores: list[float]) -> None:
+        self.scores = iter(scores)
+        super().__init__()
+
+    def reset(self) -> None:
+        pass
+
+    def update(self, output) -> None:
+        pass
+
+    def compute(self) -> float:
+        return next(self.scores)
+
+
+def _validated_run(ckpt_dir, scores: list[float], max_epochs: int, resume: bool) -> list[bool]:
+    """A tiny training with train.json's two checkpoint savers (``train#checkpoint``, ``validate#checkpoint``)
+    wired as there: a validation after each epoch scores ``scores`` in turn. Returns, per validation, whether
+    ``model.pt`` then holds the weights just validated (i.e. the best-model saver saved them)."""
+    net = _net()
+    trainer = _trainer(net, [_batch()], max_epochs=max_epochs)
+    parser = ConfigParser()
+    parser.read_config(str(TRAIN_JSON))
+    parser.update({"ckpt_dir": str(ckpt_dir), "network": net, "optimizer": trainer.optimizer, "train#trainer": trainer})
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"),
+        val_data_loader=[_batch()],
+        network=net,
+        key_val_metric={"val_lesion_dice": ScriptedScore(scores)},
+        val_handlers=[parser.get_parsed_content("validate#checkpoint")],
+    )
+    saved = []
+    evaluator.add_event_handler(
+        Events.EPOCH_COMPLETED,
+        lambda e: saved.append(_equal(torch.load(Path(ckpt_dir) / "model.pt", weights_only=True), net.state_dict())),
+    )
+    ValidationHandler(interval=1, validator=evaluator).attach(trainer)  # a train handler: before the checkpoint
+    checkpoint = parser.get_parsed_content("train#checkpoint")
+    checkpoint.attach(trainer)
+    if resume:
+        assert resume_latest(trainer, checkpoint) is not None
+    trainer.run()
+    return saved
+
+
+def test_a_resumed_run_keeps_the_best_model_when_its_first_validation_is_worse(tmp_path):
+    """Scores 0.6, 0.9, then (resumed) 0.4, 0.95: ``model.pt`` keeps epoch 2's weights through the worse epoch 3 and
+    takes epoch 4's. A resumed run once forgot the best score and saved epoch 3 over it."""
+    assert _validated_run(tmp_path, [0.6, 0.9], max_epochs=2, resume=False) == [True, True]
+    best = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert _validated_run(tmp_path, [0.4, 0.95], max_epochs=4, resume=True) == [False, True]
+    assert not _equal(torch.load(tmp_path / "model.pt", weights_only=True), best)  # epoch 4's
+
+
+def test_a_checkpoint_without_the_best_model_record_resumes_with_a_warning(tmp_path, caplog):
+    """Checkpoints written before the record was saved with them resume the model, optimizer and engine state,
+    and say that the best score is forgotten (the next validation saves ``model.pt``)."""
+    _validated_run(tmp_path, [0.6], max_epochs=1, resume=False)
+    ckpt = tmp_path / "checkpoint_epoch=1.pt"
+    old = torch.load(ckpt, weights_only=True)
+    del old["best_model"]
+    torch.save(old, ckpt)
+    with caplog.at_level("WARNING"):
+        assert _validated_run(tmp_path, [0.4], max_epochs=2, resume=True) == [True]
+    assert f"{ckpt} has no 'best_model'" in caplog.text

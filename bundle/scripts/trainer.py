@@ -189,19 +189,37 @@ def log_terms(output: Mapping[str, Any] | list) -> dict[str, float]:
     return {k: float(torch.as_tensor(out[k]).detach()) for k in (Keys.LOSS, *LOG_KEYS)}
 
 
+class BestModelSaver(CheckpointSaver):
+    """MONAI's key-metric CheckpointSaver that also gives its record of the best score (``state_dict``), so that the
+    training checkpoints carry it and :func:`resume_latest` restores it (MONAI's ``load_state_dict``).
+
+    MONAI keeps that record only inside the best model's own file (``key_metric_save_state``), which would add a
+    ``checkpointer`` entry to the flat ``model.pt`` that inference loads strictly. Without the record, a resumed
+    run forgot its best score and its first validation overwrote ``model.pt`` even when it was worse."""
+
+    def state_dict(self) -> dict:
+        """The best key-metric scores saved so far and their files: ``{"saved": [(score, filename), ...]}``."""
+        saved = self._key_metric_checkpoint.state_dict()["saved"]
+        return {"saved": [(float(score), name) for score, name in saved]}  # plain floats: torch.load(weights_only)
+
+
 def resume_latest(trainer: GRPOTrainer, saver: CheckpointSaver) -> str | None:
-    """Load the newest checkpoint that ``saver`` wrote (model, optimizer, engine state, reference) into the run,
-    so a killed training continues from its last completed epoch. Returns the path, or None on a fresh start.
+    """Load the newest checkpoint that ``saver`` wrote (model, optimizer, engine state, reference, and the best-model
+    saver's record of its best score) into the run, so a killed training continues from its last completed epoch.
+    Returns the path, or None on a fresh start.
 
     MONAI's CheckpointSaver writes in place (not atomically), so a run killed while saving leaves a truncated
-    newest file: such files (not a complete zip archive, as ``torch.save`` writes) are skipped with a warning."""
+    newest file: such files (not a complete zip archive, as ``torch.save`` writes) are skipped with a warning.
+    Checkpoints written before the best-model record was saved with them resume without it, with a warning."""
     ckpts = sorted(Path(saver.save_dir).glob("checkpoint_*.pt"), key=lambda p: p.stat().st_mtime)
     while ckpts and not zipfile.is_zipfile(ckpts[-1]):
         trainer.logger.warning(f"skipping incomplete checkpoint {ckpts.pop()} (the run was killed while saving it)")
     if not ckpts:
         return None
-    CheckpointLoader(load_path=str(ckpts[-1]), load_dict=saver.save_dict, map_location=trainer.state.device).attach(
-        trainer
-    )
+    saved = torch.load(ckpts[-1], map_location="cpu", mmap=True).keys()  # mmap: the entries' names, not their data
+    load_dict = {k: v for k, v in saver.save_dict.items() if k in saved or not isinstance(v, CheckpointSaver)}
+    for k in saver.save_dict.keys() - load_dict.keys():
+        trainer.logger.warning(f"{ckpts[-1]} has no {k!r}: the next validation replaces the best model even if worse")
+    CheckpointLoader(load_path=str(ckpts[-1]), load_dict=load_dict, map_location=trainer.state.device).attach(trainer)
     trainer.logger.info(f"resuming from {ckpts[-1]}")
     return str(ckpts[-1])
