@@ -115,30 +115,27 @@ def resample_along_axes(array: np.ndarray, src_from_dst: np.ndarray, shape: Sequ
 class OrientedSpacingd(MapTransform):
     """``Orientationd(axcodes)`` then ``Spacingd(pixdim, mode="bilinear")`` (border padding) in one pass.
 
-    The output grid is MONAI's own: the two transforms plan it lazily, touching no voxel. A scan whose axes map
-    onto the output's (any but a sheared grid) is then resampled by :func:`resample_along_axes` from its voxels
-    as loaded (an int16 CT need not be converted first); others go through the two transforms. Outputs are
-    float32 with the input's metadata and the new affine, the values MONAI's would have (to float32 rounding),
-    but no ``applied_operations``: invert them from the metadata (``original_affine``, ``spatial_shape``), as
+    The output grid is MONAI's own: the two transforms plan it lazily, touching no voxel. Its axes run along the
+    scan's (Orientation permutes and flips them, Spacing keeps their directions), so the voxels are resampled
+    as loaded (an int16 CT is not converted first) by :func:`resample_along_axes`. Outputs are float32 with
+    the input's metadata and the new affine, MONAI's values to float32 rounding, but no ``applied_operations``:
+    invert them from the metadata (``original_affine``, ``spatial_shape``), as
     :class:`scripts.postprocess.InvertFindingsd` does, not with ``Invertd``.
     """
 
     def __init__(self, keys: KeysCollection, pixdim: Sequence[float], axcodes: str = "RAS") -> None:
         super().__init__(keys)
-        self.orientation = Orientation(axcodes=axcodes)
-        self.spacing = Spacing(pixdim=pixdim, mode="bilinear", padding_mode="border")
+        self.orientation = Orientation(axcodes=axcodes, lazy=True)
+        self.spacing = Spacing(pixdim=pixdim, mode="bilinear", padding_mode="border", lazy=True)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         for key in self.key_iterator(d):
             image = d[key]
-            planned = self.spacing(self.orientation(image, lazy=True), lazy=True)
+            planned = self.spacing(self.orientation(image))
             shape = [int(n) for n in planned.peek_pending_shape()]
             affine = np.asarray(planned.peek_pending_affine(), float)
             src_from_dst = np.linalg.inv(np.asarray(image.affine, float)) @ affine
-            if image.ndim != 4 or axis_permutation(src_from_dst) is None:
-                d[key] = self.spacing(self.orientation(image))
-                continue
             voxels = image.detach().cpu().numpy()
             out = np.stack([resample_along_axes(channel, src_from_dst, shape) for channel in voxels])
             meta = {k: v for k, v in image.meta.items() if k != "affine"}
