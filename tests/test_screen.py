@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -394,6 +395,38 @@ def test_bad_file_is_reported_and_batch_continues(tmp_path, weights_bundle):
     for case in ("a_good", "c_good"):
         assert (out / f"{case}_lesion.nii.gz").is_file() and (out / f"{case}_report.json").is_file()
     assert not (out / "b_corrupt_report.json").exists()
+
+
+def test_batch_reads_the_next_scan_while_screening_the_current_one(tmp_path, use_bundle, monkeypatch):
+    """A folder of four scans, the second corrupt: each scan is read in a worker process, the next one while the
+    current one is screened (its reading starts before the current report is written), the corrupt one is in
+    summary.json's failures with the reader's root cause, the others are screened, in order."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for name, seed in (("a", 1), ("c", 2), ("d", 3)):
+        ph = make_phantom(seed, shape=(48, 48, 24), spacing=(2.0, 2.0, 3.0))
+        nib.save(nib.Nifti1Image(ph.image, ph.affine), str(folder / f"{name}.nii.gz"))
+    (folder / "b_corrupt.nii.gz").write_bytes(b"\x1f\x8b not really gzip" * 50)
+    stamps = tmp_path / "stamps"
+    stamps.mkdir()
+    read = screen_module.CaseReader.__call__
+
+    def stamped(self, case):
+        (stamps / Path(case["image"]).name).write_text(json.dumps({"pid": os.getpid(), "start": time.time()}))
+        return read(self, case)
+
+    monkeypatch.setattr(screen_module.CaseReader, "__call__", stamped)
+    out = tmp_path / "out"
+    assert _run(folder, out) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["case"] for r in summary["reports"]] == ["a", "c", "d"] and summary["screened"] == 3
+    assert summary["failed"] == [
+        {"image": str(folder / "b_corrupt.nii.gz"), "error": "BadGzipFile: Unknown compression method"}
+    ]
+    reads = {p.name.split(".")[0]: json.loads(p.read_text()) for p in stamps.iterdir()}
+    assert sorted(reads) == ["a", "b_corrupt", "c", "d"] and all(r["pid"] != os.getpid() for r in reads.values())
+    written = {case: (out / f"{case}_report.json").stat().st_mtime for case in ("a", "c")}
+    assert reads["b_corrupt"]["start"] < written["a"] and reads["d"]["start"] < written["c"]
 
 
 def test_missing_input_and_datalist(tmp_path, use_bundle):

@@ -8,24 +8,38 @@ Run from the bundle folder: ``python -m scripts.screen --input CT.nii.gz --outpu
 
 from __future__ import annotations
 
-import json
-import logging
-import sys
-import tempfile
-from pathlib import Path
+if __name__ == "__main__":  # the command, not an import of this module: before MONAI's first import
+    from .startup import skip_unused_imports
 
-import fire
-from monai.bundle import ConfigParser
-from monai.data import DataLoader, Dataset
-from monai.transforms import SaveImaged
-from monai.utils import convert_to_numpy
-from pydicom.misc import is_dicom
-from tqdm import tqdm
+    skip_unused_imports()
 
-from .dicom_output import DicomSeries, ResultInfo, overview_picture, read_series, result_lines
-from .dicom_output import write_seg, write_secondary_capture
-from .handlers import _case_id
-from .report import save_report
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import fire  # noqa: E402
+from monai.bundle import ConfigParser  # noqa: E402
+from monai.data import list_data_collate  # noqa: E402
+from monai.transforms import SaveImaged  # noqa: E402
+from monai.utils import convert_to_numpy  # noqa: E402
+from pydicom.misc import is_dicom  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from .dicom_output import (  # noqa: E402
+    DicomSeries,
+    ResultInfo,
+    overview_picture,
+    read_series,
+    result_lines,
+    write_secondary_capture,
+    write_seg,
+)
+from .handlers import _case_id  # noqa: E402
+from .prefetch import prefetched_cases, root_cause  # noqa: E402
+from .report import save_report  # noqa: E402
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 OUTPUT_FORMATS = ("nifti", "dicom", "both")
@@ -106,6 +120,26 @@ def output_formats(requested: str | None, series: DicomSeries | None, image: str
     return formats
 
 
+class CaseReader:
+    """Read one case for screening, wherever the loader runs it: choose its output formats (so that a case
+    that cannot get them fails before screening), check and sort a DICOM series (:func:`read_series`) and
+    stage links to its files in a temporary folder only while ``preprocessing`` reads them. Returns the
+    preprocessed case with ``series`` (the :class:`DicomSeries`, or None) and ``formats``."""
+
+    def __init__(self, preprocessing: Callable[[dict], dict], output_format: str | None = None) -> None:
+        self.preprocessing, self.output_format = preprocessing, output_format
+
+    def __call__(self, case: dict) -> dict:
+        series = read_series(case["image"]) if "dicom_case" in case else None
+        formats = output_formats(self.output_format, series, case["image"])
+        if series is None:
+            item = self.preprocessing({"image": case["image"]})
+        else:
+            with tempfile.TemporaryDirectory(prefix="gf-screen-") as staging:
+                item = self.preprocessing({"image": str(series.stage(Path(staging) / case["dicom_case"]))})
+        return {**item, "series": series, "formats": formats}
+
+
 def write_dicom(item: dict, rep: dict, series: DicomSeries, out: Path, info: ResultInfo) -> dict:
     """DICOM-SEG of the lesion mask (none without lesions) and Secondary Capture of the overview of one screened
     case; returns their paths for the report's ``files``."""
@@ -161,30 +195,30 @@ def screen(
     info = ResultInfo.from_metadata(BUNDLE_ROOT / "configs" / "metadata.json")
 
     failures = []
-    for case in tqdm(cases, desc="screening", unit="scan", disable=len(cases) == 1):
-        screened = len(report_handler.reports)
-        try:
-            with tempfile.TemporaryDirectory(prefix="gf-screen-") as staging:
-                series = read_series(case["image"]) if "dicom_case" in case else None
-                formats = output_formats(output_format, series, case["image"])
-                image = case["image"] if series is None else str(series.stage(Path(staging) / case["dicom_case"]))
+    workers = 1 if len(cases) > 1 else 0  # a batch: read the next scan while this one is screened
+    items = prefetched_cases(cases, CaseReader(preprocessing, output_format), workers)
+    for case, item in tqdm(zip(cases, items), total=len(cases), desc="screening", unit="scan", disable=workers == 0):
+        error = item.get("error")  # the reader's, when the case could not be read
+        if error is None:
+            screened = len(report_handler.reports)
+            try:
+                series, formats = item.pop("series"), item.pop("formats")
                 postprocessing.transforms = with_nifti if "nifti" in formats else without_nifti
-                evaluator.data_loader = DataLoader(Dataset([{"image": image}], preprocessing), batch_size=1)
+                evaluator.data_loader = [list_data_collate([item])]
                 evaluator.state.epoch_length = 1
                 evaluator.run()
-            if series is not None:
-                item, rep = evaluator.state.output[0], report_handler.reports[-1]
-                series.check_grid(item["pred"].shape[1:], convert_to_numpy(item["pred"].affine))
-                if "dicom" in formats:
-                    rep["files"].update(write_dicom(item, rep, series, out, info))
-                    save_report(rep, out / f"{rep['case']}_report.json")
-        except Exception as e:  # one bad scan must not stop the batch
-            del report_handler.reports[screened:]
-            cause = e
-            while cause.__cause__ is not None:
-                cause = cause.__cause__
-            failures.append({"image": case["image"], "error": f"{type(cause).__name__}: {cause}"})
-            logger.error(f"skipped {case['image']}: {failures[-1]['error']}")
+                if series is not None:
+                    out_item, rep = evaluator.state.output[0], report_handler.reports[-1]
+                    series.check_grid(out_item["pred"].shape[1:], convert_to_numpy(out_item["pred"].affine))
+                    if "dicom" in formats:
+                        rep["files"].update(write_dicom(out_item, rep, series, out, info))
+                        save_report(rep, out / f"{rep['case']}_report.json")
+            except Exception as e:  # one bad scan must not stop the batch
+                del report_handler.reports[screened:]
+                error = root_cause(e)
+        if error is not None:
+            failures.append({"image": case["image"], "error": error})
+            logger.error(f"skipped {case['image']}: {error}")
     summary = {"screened": len(report_handler.reports), "failed": failures, "reports": report_handler.reports}
     (out / "summary.json").parent.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
