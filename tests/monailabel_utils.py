@@ -116,11 +116,25 @@ def wait_until_up(url: str, process: subprocess.Popen, timeout: float) -> bool:
     return False
 
 
+# Debian's Orthanc plugins: DICOMweb, and GDCM to transcode JPEG 2000, which Orthanc's own DCMTK codecs cannot.
+ORTHANC_PLUGINS = ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so", "/usr/share/orthanc/plugins/libOrthancGdcm.so")
+# GDCM only for JPEG 2000: with GDCM handling every syntax, a request to transcode a series to JPEG-LS crashes
+# Debian's Orthanc 1.10 (a segmentation fault in DCMTK's CharLS); DCMTK decodes JPEG, JPEG-LS and RLE itself.
+GDCM_SYNTAXES = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91")
+
+
+def orthanc_missing() -> str | None:
+    """Why Orthanc with the plugins cannot run here (``make system-deps`` installs them as root), or None."""
+    missing = [p for p in ORTHANC_PLUGINS if not Path(p).is_file()]
+    if shutil.which("Orthanc") is None or missing:
+        return "Orthanc or its plugins not installed: apt-get install orthanc orthanc-dicomweb orthanc-gdcm"
+    return None
+
+
 @contextmanager
 def orthanc(tmp: Path) -> Iterator[str]:
-    """Debian's Orthanc with its DICOMweb plugin on a free loopback port, own storage; yields its base URL."""
+    """Debian's Orthanc with its DICOMweb and GDCM plugins on a free loopback port, own storage; yields its URL."""
     port = free_port()
-    plugins = [p for p in ("/usr/share/orthanc/plugins", "/usr/lib/orthanc") if Path(p).is_dir()]
     config = {
         "Name": "gf-screen-test",
         "StorageDirectory": str(tmp / "orthanc-db"),
@@ -129,8 +143,9 @@ def orthanc(tmp: Path) -> Iterator[str]:
         "DicomServerEnabled": False,
         "RemoteAccessAllowed": False,
         "AuthenticationEnabled": False,
-        "Plugins": plugins,
+        "Plugins": [p for p in ORTHANC_PLUGINS if Path(p).is_file()],
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        "Gdcm": {"Enable": True, "RestrictTransferSyntaxes": list(GDCM_SYNTAXES)},
     }
     path = tmp / "orthanc.json"
     path.write_text(json.dumps(config))
