@@ -7,7 +7,9 @@ import asyncio
 import base64
 import io
 import itertools
+import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -31,6 +33,7 @@ class Browser:
 
     def __init__(self, folder: Path, width: int = 1280, height: int = 800) -> None:
         profile = folder / "chromium-profile"
+        (profile / "DevToolsActivePort").unlink(missing_ok=True)  # Chromium writes its port there once it listens
         cmd = [
             CHROMIUM, "--headless=new", "--no-sandbox", "--no-first-run", "--no-default-browser-check",
             "--disable-extensions", "--disable-background-networking", "--disable-dev-shm-usage",
@@ -42,10 +45,16 @@ class Browser:
         with open(self.log, "w") as out:
             self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.loop = asyncio.new_event_loop()
-        self.endpoint = f"http://127.0.0.1:{self._port(profile / 'DevToolsActivePort')}"
         self._ids = itertools.count(1)
-        self.session = self.ws = None
-        self._run(self._connect())
+        self.events: list[dict] = []  # DevTools events (of the domains enabled), in the order received
+        self.session: aiohttp.ClientSession | None = None
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        try:
+            self.endpoint = f"http://127.0.0.1:{self._port(profile / 'DevToolsActivePort')}"
+            self._run(self._connect())
+        except BaseException:
+            self.close()
+            raise
 
     def _port(self, port_file: Path, timeout: float = 30) -> int:
         end = time.time() + timeout
@@ -53,7 +62,6 @@ class Browser:
             if port_file.is_file() and port_file.read_text().strip():
                 return int(port_file.read_text().split()[0])
             time.sleep(0.2)
-        self.close()
         raise RuntimeError(f"Chromium did not start:\n{self.log.read_text()[-3000:]}")
 
     def _run(self, coroutine: Any) -> Any:
@@ -69,7 +77,9 @@ class Browser:
         await self.ws.send_json({"id": call_id, "method": method, "params": params or {}})
         while True:
             message = await self.ws.receive_json(timeout=timeout)
-            if message.get("id") == call_id:
+            if "method" in message:
+                self.events.append(message)
+            elif message.get("id") == call_id:
                 if "error" in message:
                     raise RuntimeError(f"{method}: {message['error']}")
                 return message["result"]
@@ -110,11 +120,11 @@ class Browser:
             self._run(self.session.close())
         self.loop.close()
         if self.process.poll() is None:
-            self.process.terminate()
+            os.killpg(self.process.pid, signal.SIGTERM)  # the browser and its renderer, GPU and zygote processes
             try:
                 self.process.wait(20)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
 
     def __enter__(self) -> Browser:

@@ -18,8 +18,9 @@ import httpx
 import nibabel as nib
 import numpy as np
 import pydicom
+import SimpleITK as sitk
 from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless, generate_uid
 
 REPO = Path(__file__).resolve().parents[1]
 APP_DIR, BUNDLE_DIR = REPO / "monailabel_app", REPO / "bundle"
@@ -187,6 +188,57 @@ def dicom_series(image: np.ndarray, spacing: Sequence[float], out_dir: Path) -> 
         ds.save_as(ds.filename, write_like_original=False)
         files.append(Path(ds.filename))
     return series, files
+
+
+JPEG2000, JPEG_LOSSLESS, JPEG_LS, RLE = (
+    "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.5"
+)  # fmt: skip
+GDCM_COMPRESSORS = {JPEG2000: "JPEG2000", JPEG_LOSSLESS: "JPEG"}  # SimpleITK's names of the lossless encoders
+
+
+def compressed_series(files: Sequence[Path], syntax: str, out_dir: Path) -> tuple[str, str, list[Path]]:
+    """A copy of a series in a new study, its pixel data compressed losslessly in transfer syntax ``syntax`` (JPEG
+    2000 and JPEG lossless encoded by SimpleITK's GDCM, RLE by pydicom); returns the study and series UIDs and the
+    files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    study, series = generate_uid(), generate_uid()
+    copies = []
+    for path in files:
+        ds = pydicom.dcmread(path)
+        if syntax == RLE:
+            ds.compress(RLELossless)
+        else:
+            encoded = out_dir / "encoded.dcm"
+            writer = sitk.ImageFileWriter()
+            writer.SetImageIO("GDCMImageIO")
+            writer.SetFileName(str(encoded))
+            writer.SetUseCompression(True)
+            writer.SetCompressor(GDCM_COMPRESSORS[syntax])
+            writer.Execute(sitk.GetImageFromArray(ds.pixel_array))
+            source = pydicom.dcmread(encoded)
+            encoded.unlink()
+            assert source.file_meta.TransferSyntaxUID == syntax, source.file_meta.TransferSyntaxUID
+            ds.PixelData, ds.file_meta.TransferSyntaxUID = source.PixelData, syntax
+            ds["PixelData"].VR, ds["PixelData"].is_undefined_length = "OB", True
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        copies.append(out_dir / path.name)
+        ds.save_as(copies[-1], write_like_original=False)
+    return study, series, copies
+
+
+def orthanc_transcoded(url: str, study: str, syntax: str) -> tuple[str, str]:
+    """Orthanc's copy of ``study`` (a StudyInstanceUID) in a new study, transcoded to ``syntax`` by Orthanc's DCMTK
+    (for JPEG-LS, which no Python package here encodes); returns the new study's and its series' UIDs."""
+    [found] = httpx.post(f"{url}/tools/lookup", content=study).json()
+    copy = httpx.post(f"{url}/studies/{found['ID']}/modify", json={"Transcode": syntax, "Force": True}, timeout=120)
+    copy.raise_for_status()
+    new = copy.json()["ID"]
+    [series] = httpx.get(f"{url}/studies/{new}/series").json()
+    stored = {httpx.get(f"{url}/instances/{i}/metadata/TransferSyntax").text for i in series["Instances"]}
+    assert stored == {syntax}, f"Orthanc kept {stored} instead of transcoding to {syntax}"
+    uid = httpx.get(f"{url}/studies/{new}").json()["MainDicomTags"]["StudyInstanceUID"]
+    return uid, series["MainDicomTags"]["SeriesInstanceUID"]
 
 
 def upload_to_orthanc(url: str, files: Sequence[Path]) -> None:
