@@ -173,8 +173,8 @@ DISMISS = """[...document.querySelectorAll('button')].filter(b => b.innerText.tr
     .forEach(b => b.click())"""  # OHIF's "investigational use" banner, over the viewport
 CLICK_RUN = """(() => {
     const title = [...document.querySelectorAll('.monaiLabelPanel *')]
-        .find(e => !e.childElementCount && e.innerText.trim() === 'Auto-Segmentation');
-    [...document.querySelectorAll('.monaiLabelPanel button')].filter(b => b.innerText.trim() === 'Run')
+        .find(e => !e.childElementCount && e.textContent.trim() === 'Auto-Segmentation');
+    [...document.querySelectorAll('.monaiLabelPanel button')].filter(b => b.textContent.trim() === 'Run')
         .find(b => title.compareDocumentPosition(b) & Node.DOCUMENT_POSITION_FOLLOWING).click();
 })()"""
 
@@ -209,7 +209,7 @@ def test_ohif_shows_every_study_and_its_panel_segments_with_this_server(dicomweb
     server, studies = dicomweb["server"], dicomweb["studies"]
     with Browser(tmp_path) as browser:
         browser.goto(f"{server.url}/ohif/")
-        browser.wait_for("document.body.innerText.includes('Studies')", timeout=120)
+        browser.wait_for("document.body?.innerText.includes('Studies')", timeout=120)
         shown = {}
         for name, (study, _) in studies.items():
             browser.goto(f"{server.url}/ohif/viewer?StudyInstanceUIDs={study}")
@@ -225,12 +225,12 @@ def test_ohif_shows_every_study_and_its_panel_segments_with_this_server(dicomweb
         assert browser.evaluate("document.getElementById('monailabelServerURL').value") == f"{server.url}/"
         viewport_pixels(browser)
         browser.evaluate("document.querySelector('.settingsTable button.actionButton').click()")  # connect
-        browser.wait_for("document.querySelector('.monaiLabelPanel').innerText.includes('Auto-Segmentation')")
+        browser.wait_for("document.querySelector('.monaiLabelPanel')?.innerText.includes('Auto-Segmentation')")
         for _ in range(5):  # OHIF shows a failed request for a few seconds
             assert "went wrong" not in browser.evaluate("document.body.innerText")
             time.sleep(1)
         browser.evaluate(CLICK_RUN)
-        browser.wait_for("document.body.innerText.includes('Running Segmentation - Successful')", timeout=600)
+        browser.wait_for("document.body?.innerText.includes('Running Segmentation - Successful')", timeout=600)
         end = time.time() + 60
         while not lesion_overlay(pixels := viewport_pixels(browser)).sum() > 20 and time.time() < end:
             time.sleep(1)
