@@ -214,15 +214,18 @@ async def proxy_dicom(request: Request, path: str):
     # MONAI Label's proxy sends neither the query nor the browser's Accept header, so Orthanc sends every frame as
     # Explicit VR Little Endian, which it cannot make from JPEG 2000 (500; with its GDCM plugin it crashes);
     # with the header it sends the frames as stored and the browser decodes them.
-    answer = httpx.request(
-        request.method,
-        url,
-        params=request.query_params,
-        headers={k: request.headers[k] for k in PROXIED_HEADERS if k in request.headers},
-        content=await request.body() if request.method == "POST" else None,
-        auth=(user, password) if user and password else None,
-        timeout=settings.MONAI_LABEL_DICOMWEB_PROXY_TIMEOUT,
-    )
+    try:
+        answer = httpx.request(
+            request.method,
+            url,
+            params=request.query_params,
+            headers={k: request.headers[k] for k in PROXIED_HEADERS if k in request.headers},
+            content=await request.body() if request.method == "POST" else None,
+            auth=(user, password) if user and password else None,
+            timeout=settings.MONAI_LABEL_DICOMWEB_PROXY_TIMEOUT,
+        )
+    except httpx.HTTPError as e:
+        raise HTTPException(502, f"DICOMweb server {settings.MONAI_LABEL_STUDIES} did not answer: {e!r}") from None
     return Response(answer.content, answer.status_code, media_type=answer.headers.get("content-type"))
 
 
