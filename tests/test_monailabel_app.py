@@ -176,8 +176,8 @@ def test_ohif_panel_points_at_this_server(site):
 
 
 def test_training_check_when_none_runs_is_not_an_error(site):
-    """OHIF's panel asks at start whether a training runs: no content (204), not MONAI Label's 404 (an error in the
-    panel); MONAI Label's client and 3D Slicer read only 200 as running."""
+    """OHIF's panel asks at start whether a training runs: no content (204), not MONAI Label's 404 (a failed
+    request); MONAI Label's client and 3D Slicer read only 200 as running."""
     from monailabel.client import MONAILabelClient
 
     r = site["client"].get("/train/", params={"check_if_running": "true"})

@@ -15,7 +15,7 @@ What MONAI Label's own versions do that these do not:
   without a GPU or a DICOMweb datastore; ``/``, ``/docs`` and ``/logs/`` load their scripts from CDNs (blank offline);
 - ``/proxy/dicom`` drops the browser's ``Accept`` header and query (see :func:`proxy_dicom`);
 - OHIF's MONAI Label panel talks to port 8000 of the page's host (see :func:`ohif`), and ``GET /train/`` answers
-  404 when no training runs, which the panel reports as an error (see :func:`train_status`).
+  its start-up question whether a training runs with 404, a failed request (see :func:`train_status`).
 """
 
 from __future__ import annotations
@@ -240,8 +240,8 @@ def ohif(request: Request, path: str = ""):
 
 def train_status(all: bool = False, check_if_running: bool = False):
     """The last training task (``all``: every one); with ``check_if_running``, the running task, or 204 (no
-    content) when none runs: MONAI Label's 404 shows as an error in OHIF, and its Python client and 3D Slicer
-    take only 200 for a running training."""
+    content) when none runs: MONAI Label's 404 is a failed request in OHIF's panel, and MONAI Label's Python client
+    and 3D Slicer take only 200 for a running training."""
     task, detail = AsyncTask.status("train", all, check_if_running)
     if task is None and check_if_running:
         return Response(status_code=204)
