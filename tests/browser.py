@@ -46,7 +46,6 @@ class Browser:
             self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.loop = asyncio.new_event_loop()
         self._ids = itertools.count(1)
-        self.events: list[dict] = []  # DevTools events (of the domains enabled), in the order received
         self.session: aiohttp.ClientSession | None = None
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         try:
@@ -56,7 +55,7 @@ class Browser:
             self.close()
             raise
 
-    def _port(self, port_file: Path, timeout: float = 30) -> int:
+    def _port(self, port_file: Path, timeout: float = 60) -> int:
         end = time.time() + timeout
         while time.time() < end and self.process.poll() is None:
             if port_file.is_file() and port_file.read_text().strip():
@@ -77,9 +76,7 @@ class Browser:
         await self.ws.send_json({"id": call_id, "method": method, "params": params or {}})
         while True:
             message = await self.ws.receive_json(timeout=timeout)
-            if "method" in message:
-                self.events.append(message)
-            elif message.get("id") == call_id:
+            if message.get("id") == call_id:  # events (of the domains enabled) go unread
                 if "error" in message:
                     raise RuntimeError(f"{method}: {message['error']}")
                 return message["result"]
