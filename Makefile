@@ -42,11 +42,14 @@ lint: $(DEV_TOOLS)
 	$(VENV)/bin/flake8 --count --statistics $(PY_SOURCES)
 	$(PRETTY_JSON) $(JSON_CONFIGS)
 
-# Orthanc (DICOMweb tests) comes from Debian; installed only when running as root with apt, else those tests skip.
+# Orthanc with its DICOMweb and GDCM plugins (DICOMweb tests) and Chromium (OHIF in a browser) come from Debian;
+# installed only when running as root with apt, else those tests skip.
+SYSTEM_PACKAGES := orthanc orthanc-dicomweb orthanc-gdcm chromium fonts-liberation
 system-deps:
-	@command -v Orthanc >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb >/dev/null) \
-	  || echo "Orthanc not installed: DICOMweb tests will be skipped"; }
+	@{ command -v Orthanc && command -v chromium && [ -f /usr/share/orthanc/plugins/libOrthancGdcm.so ]; } >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && (apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null) \
+	  || echo "Orthanc or Chromium not installed: DICOMweb and browser tests will be skipped"; }
 
 # Screen one CT (CT=path to NIfTI/NRRD/DICOM folder) or, by default, a synthetic phantom, with the shipped weights.
 demo: setup

@@ -20,7 +20,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from lib.activelearning.glance_uncertainty import GlanceUncertainty
-from lib.datastore import GuardedDICOMWebDatastore, GuardedLocalDatastore
+from lib.datastore import GuardedDICOMWebDatastore, GuardedLocalDatastore, StoredSyntaxClient
+from lib.dicom_seg import BundleSegWriter
 from lib.endpoints import install
 from lib.errors import InvalidRequest
 from lib.infers.batch import SafeBatchInfer
@@ -34,7 +35,6 @@ from lib.trainers.gf_screen import GFScreenTrain
 from lib.uploads import RECEIVED
 from lib.validation import ImageLimits, check_name
 from monailabel.config import settings
-from monailabel.datastore.dicom import DICOMwebClientX
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.exception import ImageNotFoundException
@@ -109,14 +109,14 @@ class GFScreenApp(MONAILabelApp):
         )
 
     def _init_dicomweb_datastore(self) -> Datastore:
-        """As MONAI Label's, less the dcmqi download (DICOM-SEG is written with pydicom-seg instead)."""
+        """As MONAI Label's, less the dcmqi download (DICOM-SEG is written by the bundle's writer instead)."""
         user, password = settings.MONAI_LABEL_DICOMWEB_USERNAME, settings.MONAI_LABEL_DICOMWEB_PASSWORD
         session = None
         if user and password:
             from dicomweb_client.session_utils import create_session_from_user_pass
 
             session = create_session_from_user_pass(user, password)
-        client = DICOMwebClientX(
+        client = StoredSyntaxClient(
             url=self.studies,
             session=session,
             qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
@@ -130,6 +130,7 @@ class GFScreenApp(MONAILabelApp):
             cache_path=cache_path or None,
             fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME,
             convert_to_nifti=settings.MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI,
+            seg_writer=BundleSegWriter(self.bundle_dir),
         )
 
     def init_infers(self) -> dict[str, InferTask]:
@@ -181,7 +182,7 @@ class GFScreenApp(MONAILabelApp):
         image = request.get("image")
         if isinstance(image, str) and image not in RECEIVED:
             check_name(image, "image")
-            if image not in (datastore or self.datastore()).list_images():
+            if not (datastore or self.datastore()).has_image(image):
                 raise ImageNotFoundException(f"image {image!r} not found in the datastore")
         if request.get("label_tag", DefaultLabelTag.ORIGINAL) != DefaultLabelTag.ORIGINAL:
             raise InvalidRequest(f"inference saves labels only as {DefaultLabelTag.ORIGINAL.value!r}")

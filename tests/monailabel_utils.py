@@ -18,8 +18,9 @@ import httpx
 import nibabel as nib
 import numpy as np
 import pydicom
+import SimpleITK as sitk
 from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless, generate_uid
 
 REPO = Path(__file__).resolve().parents[1]
 APP_DIR, BUNDLE_DIR = REPO / "monailabel_app", REPO / "bundle"
@@ -36,6 +37,12 @@ def phantom(seed: int, lesions: bool = True, shape: Sequence[int] = SHAPE):
     from scripts.phantom import make_phantom
 
     return make_phantom(seed, shape=shape, spacing=SPACING, lesions=lesions)
+
+
+def lesion_crop() -> np.ndarray:
+    """64 x 64 x 32 voxels (``SPACING``) of the demo phantom (seed 7, abdomen) around its largest liver tumour,
+    which the shipped weights find: an inference that returns a lesion, in seconds."""
+    return phantom(7, shape=(160, 160, 72)).image[88:152, 72:136, 40:72]
 
 
 def save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> Path:
@@ -116,11 +123,25 @@ def wait_until_up(url: str, process: subprocess.Popen, timeout: float) -> bool:
     return False
 
 
+# Debian's Orthanc plugins: DICOMweb, and GDCM to transcode JPEG 2000, which Orthanc's own DCMTK codecs cannot.
+ORTHANC_PLUGINS = ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so", "/usr/share/orthanc/plugins/libOrthancGdcm.so")
+# GDCM only for JPEG 2000: with GDCM handling every syntax, a request to transcode a series to JPEG-LS crashes
+# Debian's Orthanc 1.10 (a segmentation fault in DCMTK's CharLS); DCMTK decodes JPEG, JPEG-LS and RLE itself.
+GDCM_SYNTAXES = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91")
+
+
+def orthanc_missing() -> str | None:
+    """Why Orthanc with the plugins cannot run here (``make system-deps`` installs them as root), or None."""
+    missing = [p for p in ORTHANC_PLUGINS if not Path(p).is_file()]
+    if shutil.which("Orthanc") is None or missing:
+        return "Orthanc or its plugins not installed: apt-get install orthanc orthanc-dicomweb orthanc-gdcm"
+    return None
+
+
 @contextmanager
 def orthanc(tmp: Path) -> Iterator[str]:
-    """Debian's Orthanc with its DICOMweb plugin on a free loopback port, own storage; yields its base URL."""
+    """Debian's Orthanc with its DICOMweb and GDCM plugins on a free loopback port, own storage; yields its URL."""
     port = free_port()
-    plugins = [p for p in ("/usr/share/orthanc/plugins", "/usr/lib/orthanc") if Path(p).is_dir()]
     config = {
         "Name": "gf-screen-test",
         "StorageDirectory": str(tmp / "orthanc-db"),
@@ -129,8 +150,9 @@ def orthanc(tmp: Path) -> Iterator[str]:
         "DicomServerEnabled": False,
         "RemoteAccessAllowed": False,
         "AuthenticationEnabled": False,
-        "Plugins": plugins,
+        "Plugins": [p for p in ORTHANC_PLUGINS if Path(p).is_file()],
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        "Gdcm": {"Enable": True, "RestrictTransferSyntaxes": list(GDCM_SYNTAXES)},
     }
     path = tmp / "orthanc.json"
     path.write_text(json.dumps(config))
@@ -172,6 +194,57 @@ def dicom_series(image: np.ndarray, spacing: Sequence[float], out_dir: Path) -> 
         ds.save_as(ds.filename, write_like_original=False)
         files.append(Path(ds.filename))
     return series, files
+
+
+JPEG2000, JPEG_LOSSLESS, JPEG_LS, RLE = (
+    "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.5"
+)  # fmt: skip
+GDCM_COMPRESSORS = {JPEG2000: "JPEG2000", JPEG_LOSSLESS: "JPEG"}  # SimpleITK's names of the lossless encoders
+
+
+def compressed_series(files: Sequence[Path], syntax: str, out_dir: Path) -> tuple[str, str, list[Path]]:
+    """A copy of a series in a new study, its pixel data compressed losslessly in transfer syntax ``syntax`` (JPEG
+    2000 and JPEG lossless encoded by SimpleITK's GDCM, RLE by pydicom); returns the study and series UIDs and the
+    files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    study, series = generate_uid(), generate_uid()
+    copies = []
+    for path in files:
+        ds = pydicom.dcmread(path)
+        if syntax == RLE:
+            ds.compress(RLELossless)
+        else:
+            encoded = out_dir / "encoded.dcm"
+            writer = sitk.ImageFileWriter()
+            writer.SetImageIO("GDCMImageIO")
+            writer.SetFileName(str(encoded))
+            writer.SetUseCompression(True)
+            writer.SetCompressor(GDCM_COMPRESSORS[syntax])
+            writer.Execute(sitk.GetImageFromArray(ds.pixel_array))
+            source = pydicom.dcmread(encoded)
+            encoded.unlink()
+            assert source.file_meta.TransferSyntaxUID == syntax, source.file_meta.TransferSyntaxUID
+            ds.PixelData, ds.file_meta.TransferSyntaxUID = source.PixelData, syntax
+            ds["PixelData"].VR, ds["PixelData"].is_undefined_length = "OB", True
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        copies.append(out_dir / path.name)
+        ds.save_as(copies[-1], write_like_original=False)
+    return str(study), str(series), copies
+
+
+def orthanc_transcoded(url: str, study: str, syntax: str) -> tuple[str, str]:
+    """Orthanc's copy of ``study`` (a StudyInstanceUID) in a new study, transcoded to ``syntax`` by Orthanc's DCMTK
+    (for JPEG-LS, which no Python package here encodes); returns the new study's and its series' UIDs."""
+    [found] = httpx.post(f"{url}/tools/lookup", content=study).json()
+    copy = httpx.post(f"{url}/studies/{found['ID']}/modify", json={"Transcode": syntax, "Force": True}, timeout=120)
+    copy.raise_for_status()
+    new = copy.json()["ID"]
+    [series] = httpx.get(f"{url}/studies/{new}/series").json()
+    stored = {httpx.get(f"{url}/instances/{i}/metadata/TransferSyntax").text for i in series["Instances"]}
+    assert stored == {syntax}, f"Orthanc kept {stored} instead of transcoding to {syntax}"
+    uid = httpx.get(f"{url}/studies/{new}").json()["MainDicomTags"]["StudyInstanceUID"]
+    return uid, series["MainDicomTags"]["SeriesInstanceUID"]
 
 
 def upload_to_orthanc(url: str, files: Sequence[Path]) -> None:

@@ -7,15 +7,18 @@ import json
 import socket
 import threading
 import time
+from http.cookies import SimpleCookie
 from pathlib import Path
+from urllib.parse import unquote
 
 import httpx
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 from requests_toolbelt.multipart.decoder import MultipartDecoder
 
-from monailabel_utils import Server, copy_app, phantom, save_nifti, tree
+from monailabel_utils import JPEG2000, Server, compressed_series, copy_app, dicom_series, phantom, save_nifti, tree
 
 pytestmark = pytest.mark.server
 
@@ -141,6 +144,45 @@ def test_label_submit(site, tmp_path):
         assert r.status_code == 422 and message in r.json()["detail"], r.text
     assert not (studies / "labels" / "final" / "case1.nii.gz").exists()
     assert put_label(client, "nosuchimage", site["labels"] / "case1.nii.gz").status_code == 404
+
+
+def test_dicom_session_without_uids_infers(site, tmp_path):
+    """A JPEG 2000 series whose slices have no Study, Series or SOP Instance UID (as some exports have), sent as a
+    session: inference needs no UID and returns the label on the series' grid (it was a 500: MONAI Label copies the
+    input's file extension for the result, and a DICOM folder has none)."""
+    p = phantom(3, shape=(48, 40, 16))
+    _, plain = dicom_series(p.image, (1.6, 1.6, 3.0), tmp_path / "plain")
+    _, _, files = compressed_series(plain, JPEG2000, tmp_path / "j2k")
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID = ds.SeriesInstanceUID = ds.SOPInstanceUID = ""
+        ds.save_as(path)
+    r = site["client"].put("/session/", files=[("files", (f.name, f.read_bytes())) for f in files])
+    assert r.status_code == 200, r.text
+    result, label = infer(site["client"], session_id=r.json()["session_id"])
+    assert result["report"]["input_geometry"]["shape"] == [48, 40, 16]
+    (tmp_path / "label.nii.gz").write_bytes(label)
+    assert nib.load(tmp_path / "label.nii.gz").shape == (48, 40, 16)
+
+
+def test_ohif_panel_points_at_this_server(site):
+    """OHIF's page sets the cookie its MONAI Label panel takes its server from (else port 8000 of the host), at
+    the path the panel keeps it at; its scripts set none."""
+    r = site["client"].get("/ohif/viewer", params={"StudyInstanceUIDs": "1.2.3"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    cookie = SimpleCookie(r.headers["set-cookie"])["MONAILABEL_SERVER_URL"]
+    assert unquote(cookie.value) == f"{site['server'].url}/" and cookie["path"] == "/ohif"
+    assert "set-cookie" not in site["client"].get("/ohif/app-config.js").headers
+
+
+def test_training_check_when_none_runs_is_not_an_error(site):
+    """OHIF's panel asks at start whether a training runs: no content (204), not MONAI Label's 404 (a failed
+    request); MONAI Label's client and 3D Slicer read only 200 as running."""
+    from monailabel.client import MONAILabelClient
+
+    r = site["client"].get("/train/", params={"check_if_running": "true"})
+    assert r.status_code == 204 and r.content == b""
+    assert MONAILabelClient(site["server"].url).train_status(check_if_running=True) is False
 
 
 def test_next_sample_per_strategy(site):

@@ -12,14 +12,18 @@ import uuid
 import zipfile
 
 import numpy as np
+import pydicom
 import pytest
+import SimpleITK as sitk
 import torch
 from ignite.engine import Engine
 from monai.bundle import ConfigParser
 
+from dicom_utils import axial_affine, write_series
 from monailabel_utils import APP_DIR, BUNDLE_DIR, save_nifti
 
 sys.path.insert(0, str(APP_DIR))
+from lib.dicom_seg import BundleSegWriter  # noqa: E402
 from lib.errors import InvalidRequest, InvalidUpload  # noqa: E402
 from lib.logs import keep_out_of_logs  # noqa: E402
 from lib.params import Choice, Flag, Number, Text, check_params  # noqa: E402
@@ -211,3 +215,51 @@ def test_secrets_are_masked_in_log_records_and_files(tmp_path):
         logger.removeHandler(handler)
     assert handler.stream.getvalue() == "conf: {'api_key': '***'}\n"
     assert (tmp_path / "app.log").read_text() == "USING:: conf = [['api_key', '***']]\n"
+
+
+def _series_and_label(folder, mask: np.ndarray, **attributes):
+    """A CT series of ``mask``'s shape and a label volume on its grid, as the DICOMweb cache converts it (SimpleITK
+    reads the series, the label is written as NIfTI with its geometry)."""
+    files = write_series(folder / "series", np.full(mask.shape, -100, np.int16), axial_affine((0.8, 0.7, 2.5)),
+                         **attributes)  # fmt: skip
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder / "series")))
+    image = reader.Execute()
+    label = sitk.GetImageFromArray(mask.transpose(2, 1, 0).astype(np.uint8))
+    label.CopyInformation(image)
+    sitk.WriteImage(label, str(folder / "label.nii.gz"))
+    return files, folder / "label.nii.gz"
+
+
+def test_dicom_seg_of_a_label_is_the_bundles_lesion_on_the_series(tmp_path):
+    """The DICOM-SEG names its one segment after the bundle's label 1 ("lesion") whatever the client sent, lies in
+    the series' study and frame of reference (pydicom-seg alone gives it a new frame of reference) and references
+    the series and each slice; an empty label gives no file."""
+    mask = np.zeros((12, 10, 6), bool)
+    mask[3:7, 2:5, 1:4] = True
+    files, label = _series_and_label(tmp_path, mask)
+    writer = BundleSegWriter(str(BUNDLE_DIR))
+    seg = pydicom.dcmread(writer(tmp_path / "series", label, tmp_path / "seg.dcm"))
+    ct = pydicom.dcmread(files[0])
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["lesion"] == [writer.segment_label]
+    assert (seg.StudyInstanceUID, seg.FrameOfReferenceUID) == (ct.StudyInstanceUID, ct.FrameOfReferenceUID)
+    [referenced] = seg.ReferencedSeriesSequence
+    assert referenced.SeriesInstanceUID == ct.SeriesInstanceUID
+    assert {i.ReferencedSOPInstanceUID for i in referenced.ReferencedInstanceSequence} == {
+        pydicom.dcmread(f).SOPInstanceUID for f in files
+    }
+    _, empty = _series_and_label(tmp_path / "empty", np.zeros_like(mask))
+    assert writer(tmp_path / "series", empty, tmp_path / "e.dcm") is None
+    assert not (tmp_path / "e.dcm").exists()
+
+
+def test_dicom_seg_of_a_series_without_uids_is_refused_with_the_reason(tmp_path):
+    """Slices without Study, Series and SOP Instance UIDs cannot be referenced: a 422 naming the missing UIDs and
+    the series folder's name (the series id), not the server's cache path."""
+    mask = np.zeros((12, 10, 6), bool)
+    mask[3:7, 2:5, 1:4] = True
+    _, label = _series_and_label(tmp_path, mask, StudyInstanceUID=None, SeriesInstanceUID=None, SOPInstanceUID=None)
+    with pytest.raises(InvalidUpload, match="StudyInstanceUID, SeriesInstanceUID") as error:
+        BundleSegWriter(str(BUNDLE_DIR))(tmp_path / "series", label, tmp_path / "seg.dcm")
+    assert str(tmp_path) not in str(error.value) and "series" in str(error.value)
+    assert not (tmp_path / "seg.dcm").exists()

@@ -8,13 +8,15 @@ import logging
 import os
 import pathlib
 import shutil
+import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from monailabel.datastore.dicom import DICOMWebDatastore
+from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
-from monailabel.datastore.utils.convert import binary_to_image, nifti_to_dicom_seg
+from monailabel.datastore.utils.convert import binary_to_image
 from monailabel.datastore.utils.dicom import dicom_web_upload_dcm
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException
@@ -40,6 +42,9 @@ class GuardedLocalDatastore(LocalDatastore):
     def __init__(self, datastore_path: str, limits: ImageLimits = ImageLimits(), **kwargs: Any) -> None:
         self.limits = limits
         super().__init__(datastore_path, **kwargs)
+
+    def has_image(self, image_id: str) -> bool:
+        return image_id in self.list_images()
 
     @property
     def trash_path(self) -> str:
@@ -106,10 +111,35 @@ class GuardedLocalDatastore(LocalDatastore):
         self.refresh()
 
 
+class StoredSyntaxClient(DICOMwebClientX):
+    """Retrieves series in the transfer syntax they are stored in (JPEG 2000, JPEG, JPEG-LS, RLE, ...), which
+    SimpleITK decodes when the cache converts them to NIfTI."""
+
+    def retrieve_series(self, *args: Any, media_types: tuple | None = None, **kwargs: Any) -> list:
+        # MONAI Label asks for Explicit VR Little Endian, so the server must decode compressed series: Debian's
+        # Orthanc 1.10 answers 500 for JPEG 2000 without its GDCM plugin and crashes on it with the plugin.
+        return super().retrieve_series(*args, media_types=media_types or (("application/dicom", "*"),), **kwargs)
+
+
 class GuardedDICOMWebDatastore(DICOMWebDatastore):
-    """DICOMWebDatastore that checks ids, tags and labels as :class:`GuardedLocalDatastore`, and writes DICOM-SEG
-    with pydicom-seg: MONAI Label's default path shells out to dcmqi's ``itkimage2segimage``, a binary it
-    downloads at start-up, which fails offline."""
+    """DICOMWebDatastore that checks ids, tags and labels as :class:`GuardedLocalDatastore`, writes DICOM-SEG with
+    ``seg_writer`` (:class:`lib.dicom_seg.BundleSegWriter`) and finds series stored since its listing was cached.
+
+    MONAI Label's default DICOM-SEG path shells out to dcmqi's ``itkimage2segimage``, a binary it downloads at
+    start-up, which fails offline; and it caches the series list for ``MONAI_LABEL_DICOMWEB_CACHE_EXPIRY`` seconds
+    (2 h by default), so that a series stored meanwhile is "not found".
+    """
+
+    def __init__(self, *args: Any, seg_writer: Callable[[str, str, pathlib.Path], pathlib.Path | None], **kwargs):
+        self.seg_writer = seg_writer
+        super().__init__(*args, **kwargs)
+
+    def has_image(self, image_id: str) -> bool:
+        """Whether the server holds series ``image_id``; a miss in the cached list asks the server again."""
+        if image_id in self.list_images():
+            return True
+        DICOMWebDatastore.list_images.cache_clear()
+        return image_id in self.list_images()
 
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
         raise NotImplementedError("images are added to the DICOMweb server (e.g. Orthanc), not through MONAI Label")
@@ -132,24 +162,25 @@ class GuardedDICOMWebDatastore(DICOMWebDatastore):
         try:
             check_label(label_filename, image_uri)
             if label_tag == DefaultLabelTag.FINAL:
-                label_info.update(self._upload_seg(image_id, label_filename, label_info))
+                label_info.update(self._upload_seg(image_id, label_filename))
+                DICOMWebDatastore.get_labeled_images.cache_clear()  # the image is labelled now
             return LocalDatastore.save_label(self, image_id, label_filename, label_tag, label_info)
         finally:
             if converted:
                 os.unlink(converted)
 
-    def _upload_seg(self, image_id: str, label_filename: str, label_info: dict[str, Any]) -> dict[str, Any]:
+    def _upload_seg(self, image_id: str, label_filename: str) -> dict[str, Any]:
         """Store the label as a DICOM-SEG series referencing the image series; returns the DICOM ids to record
         (none for an empty label, which DICOM-SEG cannot hold)."""
         series_dir = os.path.realpath(os.path.join(self._datastore.image_path(), image_id))
-        seg_file = nifti_to_dicom_seg(series_dir, label_filename, label_info.get("label_info"), use_itk=False)
-        if not seg_file:
-            logger.warning(f"{image_id}: lesion-free label kept in the local cache only (a DICOM-SEG needs a segment)")
-            return {}
-        try:
-            series_uid = dicom_web_upload_dcm(seg_file, self._client)
-        finally:
-            os.unlink(seg_file)
+        with tempfile.TemporaryDirectory() as tmp:
+            seg_file = self.seg_writer(series_dir, label_filename, pathlib.Path(tmp, "seg.dcm"))
+            if seg_file is None:
+                logger.warning(
+                    f"{image_id}: lesion-free label kept in the local cache only (a DICOM-SEG needs a segment)"
+                )
+                return {}
+            series_uid = dicom_web_upload_dcm(str(seg_file), self._client)
         image_info = self.get_image_info(image_id)
         keys = ("Modality", "PatientID", "StudyInstanceUID")
         return {"SeriesInstanceUID": series_uid, **{k: image_info.get(k) for k in keys}}

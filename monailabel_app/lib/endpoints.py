@@ -12,7 +12,10 @@ What MONAI Label's own versions do that these do not:
   that are not JSON objects end in a 500;
 - ``PUT /model`` stores any file as the weights, ``POST /reload`` rebuilds the app and leaks its threads;
 - ``/datastore/dataset`` leaves its zip in the temporary folder; ``/logs/gpu`` and ``/proxy/dicom`` answer 500
-  without a GPU or a DICOMweb datastore; ``/``, ``/docs`` and ``/logs/`` load their scripts from CDNs (blank offline).
+  without a GPU or a DICOMweb datastore; ``/``, ``/docs`` and ``/logs/`` load their scripts from CDNs (blank offline);
+- ``/proxy/dicom`` drops the browser's ``Accept`` header and query (see :func:`proxy_dicom`);
+- OHIF's MONAI Label panel talks to port 8000 of the page's host (see :func:`ohif`), and ``GET /train/`` answers
+  its start-up question whether a training runs with 404, a failed request (see :func:`train_status`).
 """
 
 from __future__ import annotations
@@ -25,17 +28,22 @@ from collections import deque
 from contextlib import ExitStack
 from html import escape
 from typing import Any
+from urllib.parse import quote
 
-from fastapi import BackgroundTasks, FastAPI, File, Form, HTTPException, UploadFile
+import httpx
+from fastapi import BackgroundTasks, FastAPI, File, Form, HTTPException, Request, Response, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse
 from fastapi.routing import APIRoute
+from monailabel.config import settings
 from monailabel.endpoints import batch_infer as batch_endpoints
 from monailabel.endpoints import scoring as scoring_endpoints
 from monailabel.endpoints import train as train_endpoints
 from monailabel.endpoints.infer import ResultType, send_response
+from monailabel.endpoints.ohif import get_ohif
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.tasks.batch_infer import BatchInferImageType
 from monailabel.interfaces.utils.app import app_instance
+from monailabel.utils.async_tasks.task import AsyncTask
 from starlette.background import BackgroundTask
 
 from .errors import Forbidden, InvalidRequest
@@ -44,6 +52,8 @@ from .uploads import RECEIVED, saved
 from .validation import check_session_id, image_id
 
 MAX_LOG_LINES = 100000
+SERVER_URL_COOKIE = "MONAILABEL_SERVER_URL"  # where OHIF's MONAI Label panel sends its requests
+PROXIED_HEADERS = ("accept", "content-type")
 
 
 def _object(text: str, what: str) -> dict[str, Any]:
@@ -183,6 +193,63 @@ def no_dicomweb(path: str):
     raise HTTPException(404, "no DICOMweb datastore: start the server with --studies http://.../dicom-web")
 
 
+async def proxy_dicom(request: Request, path: str):
+    """The DICOMweb server of the studies, for OHIF: ``/proxy/dicom/{wado,qido,stow}/PATH`` with MONAI Label's
+    prefixes (``MONAI_LABEL_{WADO,QIDO,STOW}_PREFIX``), or ``/proxy/dicom/PATH`` under the studies URL."""
+    op, _, rest = path.partition("/")
+    prefixes = {
+        "wado": settings.MONAI_LABEL_WADO_PREFIX,
+        "qido": settings.MONAI_LABEL_QIDO_PREFIX,
+        "stow": settings.MONAI_LABEL_STOW_PREFIX,
+    }
+    if op not in prefixes:
+        op, rest = "", path
+    prefix = settings.MONAI_LABEL_WADO_PREFIX if op == "qido" and rest.endswith("metadata") else prefixes.get(op, "")
+    parts = rest.split("/")
+    if any(part in (".", "..") for part in parts):
+        raise InvalidRequest("the DICOMweb path may not leave the DICOMweb root")
+    path = "/".join(quote(part, safe=",") for part in parts)  # encoded dots and slashes stay one path segment
+    url = "/".join(p.strip("/") for p in (settings.MONAI_LABEL_STUDIES.rstrip("/"), prefix, path) if p)
+    user, password = settings.MONAI_LABEL_DICOMWEB_USERNAME, settings.MONAI_LABEL_DICOMWEB_PASSWORD
+    # MONAI Label's proxy sends neither the query nor the browser's Accept header, so Orthanc sends every frame as
+    # Explicit VR Little Endian, which it cannot make from JPEG 2000 (500; with its GDCM plugin it crashes);
+    # with the header it sends the frames as stored and the browser decodes them.
+    try:
+        answer = httpx.request(
+            request.method,
+            url,
+            params=request.query_params,
+            headers={k: request.headers[k] for k in PROXIED_HEADERS if k in request.headers},
+            content=await request.body() if request.method == "POST" else None,
+            auth=(user, password) if user and password else None,
+            timeout=settings.MONAI_LABEL_DICOMWEB_PROXY_TIMEOUT,
+        )
+    except httpx.HTTPError as e:
+        raise HTTPException(502, f"DICOMweb server {settings.MONAI_LABEL_STUDIES} did not answer: {e!r}") from None
+    return Response(answer.content, answer.status_code, media_type=answer.headers.get("content-type"))
+
+
+def ohif(request: Request, path: str = ""):
+    """OHIF (its files, else its page), its MONAI Label panel pointed at this server: the panel sends its requests
+    to the server in the ``MONAILABEL_SERVER_URL`` cookie, by default port 8000 of the page's host."""
+    response = get_ohif(path)
+    if response.media_type == "text/html":  # at the path the panel itself keeps the cookie at, so as to replace it
+        response.set_cookie(SERVER_URL_COOKIE, quote(str(request.base_url), safe=""), path="/ohif", samesite="strict")
+    return response
+
+
+def train_status(all: bool = False, check_if_running: bool = False):
+    """The last training task (``all``: every one); with ``check_if_running``, the running task, or 204 (no
+    content) when none runs: MONAI Label's 404 is a failed request in OHIF's panel, and MONAI Label's Python client
+    and 3D Slicer take only 200 for a running training."""
+    task, detail = AsyncTask.status("train", all, check_if_running)
+    if task is None and check_if_running:
+        return Response(status_code=204)
+    if task is None:
+        raise HTTPException(404, detail)
+    return task
+
+
 def _validated(kind: str, name: str, params: dict | None) -> dict[str, Any]:
     return check_params(params or {}, app_instance().declared_params(kind, name), f"{kind} {name}")
 
@@ -261,6 +328,7 @@ REPLACED = {
     ("PUT", "/session/"): create_session,
     ("PUT", "/model/{model}"): update_model,
     ("POST", "/reload"): reload,
+    ("GET", "/train/"): train_status,
     ("POST", "/train/{model}"): train,
     ("POST", "/train/"): train_all,
     ("POST", "/batch/infer/{model}"): run_batch_infer,
@@ -268,23 +336,25 @@ REPLACED = {
     ("POST", "/scoring/"): scoring_all,
     ("GET", "/logs/"): logs,
     ("GET", "/logs/gpu"): gpu_info,
+    ("GET", "/ohif/{path:path}"): ohif,
 }
 PROXY = "/proxy/dicom/{path:path}"
 
 
 def install(app: FastAPI, dicomweb: bool) -> None:
-    """Serve :data:`REPLACED`, :func:`docs_page` at ``/`` and ``/docs`` and, unless the datastore is DICOMweb, a
-    404 for the DICOMweb proxy, ahead of MONAI Label's routes (the router takes the first route that matches);
-    MONAI Label's shadowed routes leave the OpenAPI schema."""
+    """Serve :data:`REPLACED`, :func:`docs_page` at ``/`` and ``/docs`` and the DICOMweb proxy (a 404 unless the
+    datastore is DICOMweb), ahead of MONAI Label's routes (the router takes the first route that matches); MONAI
+    Label's shadowed routes leave the OpenAPI schema."""
     before = list(app.router.routes)
     app.router.routes.clear()
     for (method, path), endpoint in REPLACED.items():
         summary = endpoint.__doc__.split("\n")[0]
-        app.add_api_route(path, endpoint, methods=[method], summary=summary, include_in_schema=endpoint is not gone)
+        app.add_api_route(
+            path, endpoint, methods=[method], summary=summary, include_in_schema=endpoint not in (gone, ohif)
+        )
     for path in ("/", "/docs"):
         app.add_api_route(path, lambda: docs_page(app), methods=["GET"], include_in_schema=False)
-    if not dicomweb:
-        app.add_api_route(PROXY, no_dicomweb, methods=["GET", "POST"], include_in_schema=False)
+    app.add_api_route(PROXY, proxy_dicom if dicomweb else no_dicomweb, methods=["GET", "POST"], include_in_schema=False)
     ours = {(m, r.path) for r in app.router.routes for m in r.methods}
     app.router.routes.extend(before)
     for route in _monailabel_routes(before):

@@ -21,7 +21,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import CallBackTypes
 from monailabel.tasks.infer.bundle import BundleInferTask
-from monailabel.utils.others.generic import file_checksum
+from monailabel.utils.others.generic import file_checksum, file_ext
 
 from ..errors import InvalidUpload, Unavailable
 from ..params import Choice, Flag, Param, device_choice
@@ -122,6 +122,9 @@ class GFScreenInfer(BundleInferTask):
 
     def writer(self, data: dict[str, Any], extension: str | None = None, dtype: Any = None) -> tuple[Any, dict]:
         report = self._report(data)
+        source = str(data.get("image_path") or "")
+        if not (extension or data.get("result_extension")) and (os.path.isdir(source) or not file_ext(source)):
+            extension = ".nii.gz"  # MONAI Label copies the input's extension: of a DICOM folder it returns the array
         label, result = super().writer(data, extension, dtype or data.get("result_dtype") or "uint8")
         result["report"] = report
         weights = Path(self.get_path()).name
