@@ -19,6 +19,17 @@ import tempfile
 from collections.abc import Mapping
 from typing import Any
 
+from monailabel.config import settings
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
+from monailabel.interfaces.exception import ImageNotFoundException
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+
 from lib.activelearning.glance_uncertainty import GlanceUncertainty
 from lib.datastore import GuardedDICOMWebDatastore, GuardedLocalDatastore, StoredSyntaxClient
 from lib.dicom_seg import BundleSegWriter
@@ -34,16 +45,6 @@ from lib.sessions import GuardedSessions
 from lib.trainers.gf_screen import GFScreenTrain
 from lib.uploads import RECEIVED
 from lib.validation import ImageLimits, check_name
-from monailabel.config import settings
-from monailabel.interfaces.app import MONAILabelApp
-from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
-from monailabel.interfaces.exception import ImageNotFoundException
-from monailabel.interfaces.tasks.infer_v2 import InferTask
-from monailabel.interfaces.tasks.scoring import ScoringMethod
-from monailabel.interfaces.tasks.strategy import Strategy
-from monailabel.interfaces.tasks.train import TrainTask
-from monailabel.tasks.activelearning.first import First
-from monailabel.tasks.activelearning.random import Random
 
 logger = logging.getLogger(__name__)
 

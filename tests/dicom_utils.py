@@ -18,8 +18,9 @@ def axial_affine(spacing: Sequence[float], origin: Sequence[float] = (-40.0, -30
     return affine
 
 
-def write_series(folder: Path, volume: np.ndarray, affine: np.ndarray, name_order: Sequence[int] | None = None,
-                 **attributes) -> list[Path]:
+def write_series(
+    folder: Path, volume: np.ndarray, affine: np.ndarray, name_order: Sequence[int] | None = None, **attributes
+) -> list[Path]:
     """Write ``volume`` (column, row, slice; HU) as a CT series whose voxel (i, j, k) lies at ``affine`` @ (i, j, k)
     in LPS mm; slice k goes to file ``IM{name_order[k]:04d}`` (default: reversed, so that a reader must sort by
     position); ``attributes`` are set on every slice (None deletes one). Returns the files in slice order."""

@@ -70,19 +70,43 @@ def tree(path: Path) -> dict[str, float]:
 class Server:
     """``monailabel start_server`` (as its CLI script runs it) on a free 127.0.0.1 port, stopped on exit."""
 
-    def __init__(self, app: Path, studies: str, bundle: Path, env: dict | None = None, host: str | None = None,
-                 conf: dict[str, str] | None = None):
+    def __init__(
+        self,
+        app: Path,
+        studies: str,
+        bundle: Path,
+        env: dict | None = None,
+        host: str | None = None,
+        conf: dict[str, str] | None = None,
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", studies,
-               "--conf", "models", "gf_screen", "--conf", "bundle_path", str(bundle), "--port", str(self.port)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "monailabel.main",
+            "start_server",
+            "--app",
+            str(app),
+            "--studies",
+            studies,
+            "--conf",
+            "models",
+            "gf_screen",
+            "--conf",
+            "bundle_path",
+            str(bundle),
+            "--port",
+            str(self.port),
+        ]
         cmd += ["--host", host] if host else []
         cmd += [arg for key, value in (conf or {}).items() for arg in ("--conf", key, value)]
         env = {**os.environ, "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "PYTHONPATH": "", **(env or {})}
         self.log = app / "server.out"
         with open(self.log, "w") as out:
-            self.process = subprocess.Popen(cmd, cwd=app.parent, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                cmd, cwd=app.parent, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self.client = httpx.Client(base_url=self.url, timeout=300)
         self._wait()
 

@@ -4,19 +4,22 @@ import pytest
 
 from scripts.ablation import _write_report, ablation
 from scripts.metrics import evaluate_case, summarise_cases
-
 from test_metrics import _window, cube
 
 
 def test_report_rows_count_lesions_reached_and_found(tmp_path):
     gt = cube(lo=(1, 1, 1), size=(2, 2, 2)) | cube(lo=(5, 5, 5), size=(5, 5, 5))
-    windows = [{**_window((0, 0, 0), (4, 4, 4), True), "has_lesion": True},  # p(keep) .9
-               {**_window((5, 5, 5), (5, 5, 5), False), "has_lesion": True},  # .1
-               {**_window((0, 5, 0), (4, 4, 4), False), "prob": 0.05, "has_lesion": False}]
+    windows = [
+        {**_window((0, 0, 0), (4, 4, 4), True), "has_lesion": True},  # p(keep) .9
+        {**_window((5, 5, 5), (5, 5, 5), False), "has_lesion": True},  # .1
+        {**_window((0, 5, 0), (4, 4, 4), False), "prob": 0.05, "has_lesion": False},
+    ]
     # the prediction finds lesion A (reached) and nothing of B (not reached)
     summary = summarise_cases([evaluate_case(cube(lo=(1, 1, 1), size=(1, 1, 1)), gt, (5.0, 5.0, 5.0), windows)])
     report = tmp_path / "ablation.md"
-    _write_report(report, {"GRPO + CE": {"summary": summary, "train_minutes": 1.25}}, num_cases=3, epochs=2, seed=4, overrides={})
+    _write_report(
+        report, {"GRPO + CE": {"summary": summary, "train_minutes": 1.25}}, num_cases=3, epochs=2, seed=4, overrides={}
+    )
     lines = report.read_text().splitlines()
     header = next(line for line in lines if line.startswith("| Glance training"))
     row = next(line for line in lines if line.startswith("| GRPO + CE"))

@@ -6,7 +6,6 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from monai.bundle import ConfigParser
 from monai.data.utils import dense_patch_slices
 
@@ -206,7 +205,7 @@ def test_markdown_lists_every_measurement():
             "wall_s": 360.0,
             "peak_rss_gb": 2.0,
             "scans_per_hour": 120.0,
-            "stage_sums_s": {k: 1.0 for k in benchmark.STAGES},
+            "stage_sums_s": dict.fromkeys(benchmark.STAGES, 1.0),
         },
         "monailabel": {"case": "c1", "round_trip_s": [12.0, 5.0], "server_start_s": 40.0},
         "rows": [

@@ -39,7 +39,8 @@ def _configs(*names: str) -> str:
 def _copy_bundle(dest: Path) -> Path:
     """bundle/ without weights, data or outputs: the run writes only into `dest`."""
     shutil.copytree(
-        BUNDLE_ROOT, dest,
+        BUNDLE_ROOT,
+        dest,
         ignore=shutil.ignore_patterns("models", "data", "runs", "eval", "logs", "mlruns", "__pycache__", "*.pyc"),
     )
     (dest / "models").mkdir()
@@ -50,7 +51,9 @@ def _env(threads: int = 2) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
 
 
-def _bundle_run(cwd: Path, run_id: str, configs: str, *args: str, timeout: int = 400) -> tuple[subprocess.CompletedProcess, float]:
+def _bundle_run(
+    cwd: Path, run_id: str, configs: str, *args: str, timeout: int = 400
+) -> tuple[subprocess.CompletedProcess, float]:
     cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", configs, *args]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=_env())
@@ -59,8 +62,19 @@ def _bundle_run(cwd: Path, run_id: str, configs: str, *args: str, timeout: int =
 
 def _torchrun(cwd: Path, run_id: str, configs: str, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-        f"--master_port={_free_port()}", "-m", "monai.bundle", "run", run_id, "--config_file", configs, *args,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        "-m",
+        "monai.bundle",
+        "run",
+        run_id,
+        "--config_file",
+        configs,
+        *args,
     ]
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=_env(threads=1))
 
@@ -135,8 +149,15 @@ def trained(tmp_path_factory):
     """The documented quick run: train.json + phantoms.json (which generates the phantoms), 2 epochs."""
     bundle = _copy_bundle(tmp_path_factory.mktemp("smoke") / "bundle")
     proc, seconds = _bundle_run(
-        bundle, "training", _configs(TRAIN, PHANTOMS),
-        "--num_phantoms", "4", "--phantom_shape", "[64,64,40]", "--phantom_spacing", "[2.0,2.0,3.0]",
+        bundle,
+        "training",
+        _configs(TRAIN, PHANTOMS),
+        "--num_phantoms",
+        "4",
+        "--phantom_shape",
+        "[64,64,40]",
+        "--phantom_spacing",
+        "[2.0,2.0,3.0]",
     )
     return bundle, proc, seconds
 
@@ -196,8 +217,13 @@ def evaluated(trained):
     assert proc.returncode == 0, _fail(proc)
     out = bundle / "eval_single"
     ev, _ = _bundle_run(
-        bundle, "evaluating", _configs(TRAIN, "configs/evaluate.json"),
-        "--dataset_dir", str(bundle / "data" / "phantoms"), "--output_dir", str(out),
+        bundle,
+        "evaluating",
+        _configs(TRAIN, "configs/evaluate.json"),
+        "--dataset_dir",
+        str(bundle / "data" / "phantoms"),
+        "--output_dir",
+        str(out),
     )
     return bundle, ev, out
 
@@ -240,8 +266,13 @@ def test_multi_gpu_evaluate_keeps_every_rank(evaluated):
     assert single.returncode == 0, _fail(single)
     out = bundle / "eval_ddp"
     proc = _torchrun(
-        bundle, "evaluating", _configs(TRAIN, "configs/evaluate.json", "configs/multi_gpu_evaluate.json"),
-        "--dataset_dir", str(bundle / "data" / "phantoms"), "--output_dir", str(out),
+        bundle,
+        "evaluating",
+        _configs(TRAIN, "configs/evaluate.json", "configs/multi_gpu_evaluate.json"),
+        "--dataset_dir",
+        str(bundle / "data" / "phantoms"),
+        "--output_dir",
+        str(out),
     )
     assert proc.returncode == 0, _fail(proc)
     log = proc.stdout + proc.stderr
@@ -267,8 +298,14 @@ def test_killed_training_resumes(tmp_path, small_dataset):
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", _configs(TRAIN, PHANTOMS), *args]
     log1 = tmp_path / "first.log"
     with open(log1, "w") as f:
-        proc = subprocess.Popen(cmd + ["--train#trainer#max_epochs", "100"], cwd=bundle, stdout=f, stderr=subprocess.STDOUT,
-                                env=_env(), start_new_session=True)
+        proc = subprocess.Popen(
+            cmd + ["--train#trainer#max_epochs", "100"],
+            cwd=bundle,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=_env(),
+            start_new_session=True,
+        )
         try:
             deadline = time.monotonic() + 240
             # wait for a complete checkpoint (MONAI writes it in place: a zip archive once torch.save is done)
@@ -296,7 +333,9 @@ def test_killed_training_resumes(tmp_path, small_dataset):
     os.utime(truncated, (time.time() + 5, time.time() + 5))
 
     final = killed_at + 1
-    proc2, _ = _bundle_run(bundle, "training", _configs(TRAIN, PHANTOMS), *args, "--train#trainer#max_epochs", str(final))
+    proc2, _ = _bundle_run(
+        bundle, "training", _configs(TRAIN, PHANTOMS), *args, "--train#trainer#max_epochs", str(final)
+    )
     assert proc2.returncode == 0, _fail(proc2)
     log = proc2.stdout + proc2.stderr
     assert re.search(rf"skipping incomplete checkpoint \S*checkpoint_epoch={killed_at + 1}\.pt", log), log[-3000:]
@@ -308,7 +347,9 @@ def test_killed_training_resumes(tmp_path, small_dataset):
     newest = max(models.glob("checkpoint_*.pt"), key=lambda p: p.stat().st_mtime)
     assert newest.name == f"checkpoint_epoch={final}.pt"
     state = _trainer_state(models / f"checkpoint_epoch={final}.pt")
-    assert state["iteration"] == final * iters_per_epoch  # ignite stores the iteration; epoch = iteration / epoch_length
+    assert (
+        state["iteration"] == final * iters_per_epoch
+    )  # ignite stores the iteration; epoch = iteration / epoch_length
     _assert_model_loads(models / "model.pt", bundle)
 
 
@@ -350,12 +391,19 @@ def test_multi_gpu_train_gloo(tmp_path, small_dataset):
     mgpu = json.loads((bundle / "configs" / "multi_gpu_train.json").read_text())
     assert mgpu["finalize"] == PROBE["finalize"][1:], "keep PROBE in step with multi_gpu_train.json's finalize"
     proc = _torchrun(
-        bundle, "training", _configs(TRAIN, PHANTOMS, "configs/multi_gpu_train.json", str(probe)),
-        "--dataset_dir", str(small_dataset), *FAST,
+        bundle,
+        "training",
+        _configs(TRAIN, PHANTOMS, "configs/multi_gpu_train.json", str(probe)),
+        "--dataset_dir",
+        str(small_dataset),
+        *FAST,
     )
     assert proc.returncode == 0, _fail(proc)
     log = proc.stdout + proc.stderr
-    probes = {int(m.group(1)): m for m in re.finditer(r"PROBE rank=(\d) epochs=(\d+) iterations=(\d+) indices=(\[.*?\]) params=(\S+)", log)}
+    probes = {
+        int(m.group(1)): m
+        for m in re.finditer(r"PROBE rank=(\d) epochs=(\d+) iterations=(\d+) indices=(\[.*?\]) params=(\S+)", log)
+    }
     assert set(probes) == {0, 1}, log[-4000:]
     n_train = len(json.loads((small_dataset / "dataset.json").read_text())["training"])
     indices = {r: json.loads(m.group(4)) for r, m in probes.items()}
@@ -393,8 +441,13 @@ def test_multi_gpu_inference_one_report_per_scan(trained, tmp_path):
         nib.save(nib.Nifti1Image(ph.image, ph.affine), str(scans / f"scan{i}.nii.gz"))
     out = tmp_path / "out"
     ddp = _torchrun(
-        bundle, "run", _configs("configs/inference.json", "configs/multi_gpu_inference.json"),
-        "--dataset_dir", str(scans), "--output_dir", str(out),
+        bundle,
+        "run",
+        _configs("configs/inference.json", "configs/multi_gpu_inference.json"),
+        "--dataset_dir",
+        str(scans),
+        "--output_dir",
+        str(out),
     )
     assert ddp.returncode == 0, _fail(ddp)
     assert sorted(p.name for p in out.glob("*_report.json")) == [f"scan{i}_report.json" for i in range(3)]
@@ -418,7 +471,10 @@ def test_paper_override_builds_the_authors_networks():
         assert net.eval()(torch.zeros(1, 2, 96, 96, 64), glance=True).shape == (1, 2)
     # the authors' training settings; a per-window ResNet glance reads the bare window, as at inference
     assert parser["glance_context"] == [0, 0, 0]
-    assert parser.get_parsed_content("train#trainer#alpha") == 0.1 and parser["glance_learning_rate"] == parser["learning_rate"] == 0.0003
+    assert (
+        parser.get_parsed_content("train#trainer#alpha") == 0.1
+        and parser["glance_learning_rate"] == parser["learning_rate"] == 0.0003
+    )
     assert parser["rl_warmup_epochs"] == 0
 
 
@@ -429,8 +485,17 @@ def test_mlflow_tracking(tmp_path, small_dataset):
     bundle = _copy_bundle(tmp_path / "bundle")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # mlflow 3 refuses the plain file store
     proc, _ = _bundle_run(
-        bundle, "training", _configs(TRAIN), "--dataset_dir", str(small_dataset),
-        "--train#trainer#max_epochs", "1", "--tracking", "mlflow", "--tracking_uri", uri,
+        bundle,
+        "training",
+        _configs(TRAIN),
+        "--dataset_dir",
+        str(small_dataset),
+        "--train#trainer#max_epochs",
+        "1",
+        "--tracking",
+        "mlflow",
+        "--tracking_uri",
+        uri,
     )
     assert proc.returncode == 0, _fail(proc)
     client = mlflow.MlflowClient(uri)

@@ -49,6 +49,8 @@ def _pipeline_settings(parser: ConfigParser, prefix: str) -> dict:
     for t in _transforms(parser.get_parsed_content(prefix + "preprocessing")):
         if type(t).__name__ == "Spacingd":
             found["pixdim"] = t.spacing_transform.pixdim.tolist()
+        if type(t).__name__ == "OrientedSpacingd":  # inference's one-pass Orientationd + Spacingd
+            found["pixdim"] = t.spacing.pixdim.tolist()
         if type(t).__name__ == "HUWindowsd":
             found["hu_windows"] = [list(w) for w in t.windows]
     for t in _transforms(parser.get_parsed_content(prefix + "postprocessing")):

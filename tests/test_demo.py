@@ -37,7 +37,9 @@ def test_shipped_weights_find_the_demo_sarcoma(tmp_path):
     centroids = np.array([lesion["centroid_mm"] for lesion in report["lesions"]])
     # report centroids are in the input's world frame (RAS, as nibabel's affine); allow one voxel of slack
     inside = ((centroids >= lo - 3.3) & (centroids <= hi + 3.3)).all(1)
-    assert inside.any(), f"no reported lesion centroid {centroids.round(1).tolist()} in the sarcoma's box {lo.round(1)}-{hi.round(1)}"
+    assert (
+        inside.any()
+    ), f"no reported lesion centroid {centroids.round(1).tolist()} in the sarcoma's box {lo.round(1)}-{hi.round(1)}"
     largest = max(report["lesions"], key=lambda lesion: lesion["volume_ml"])
     true_ml = float(ndimage.sum(np.asarray(mask.dataobj) > 0)) * float(np.prod(mask.header.get_zooms()[:3])) / 1000
     # the sarcoma, roughly sized, not a flood: 0.5.0 reported 1.7x and 0.6.0 3.2x the true volume (the mask spills

@@ -299,12 +299,17 @@ def test_overview_picture_drops_the_title(overviews):
     body = np.round(untitled[OVERVIEW_TITLE_ROWS:, :, :3] * 255)
     np.testing.assert_array_equal(picture[-len(body) :], body)
     other = overview_picture(overviews["untitled"], ["line one: no lesion found", *lines[1:]])
-    assert np.any(picture[:20 + 22] != other[:20 + 22]) and np.all(picture[20 + 22:] == other[20 + 22:])
+    assert np.any(picture[: 20 + 22] != other[: 20 + 22]) and np.all(picture[20 + 22 :] == other[20 + 22 :])
 
 
 def test_secondary_capture(tmp_path):
-    files = write_series(tmp_path / "ct", _volume(), axial_affine((1.5, 1.2, 2.0)), PatientName="Müller^Jürgen",
-                         SpecificCharacterSet="ISO_IR 100")
+    files = write_series(
+        tmp_path / "ct",
+        _volume(),
+        axial_affine((1.5, 1.2, 2.0)),
+        PatientName="Müller^Jürgen",
+        SpecificCharacterSet="ISO_IR 100",
+    )
     source = pydicom.dcmread(files[0])
     picture = np.random.default_rng(2).integers(0, 256, (30, 50, 3), dtype=np.uint8)
     path = write_secondary_capture(picture, read_series(tmp_path / "ct"), tmp_path / "sc.dcm", INFO)

@@ -96,11 +96,15 @@ def test_rewards():
 
 
 def test_grpo_loss_combines_surrogate_and_kl():
-    loss, kl = grpo.grpo_loss(logits_for(0.6), logits_for(0.5), torch.tensor([1]), torch.tensor([2.0]), eps=0.1, beta=0.01)
+    loss, kl = grpo.grpo_loss(
+        logits_for(0.6), logits_for(0.5), torch.tensor([1]), torch.tensor([2.0]), eps=0.1, beta=0.01
+    )
     assert loss.item() == pytest.approx(-(2.2 - 0.01 * 0.0156549), abs=1e-6)
     assert kl.item() == pytest.approx(0.0156549, abs=1e-6)
     # the discard action's probabilities are 0.4 vs 0.5
-    loss, _ = grpo.grpo_loss(logits_for(0.6), logits_for(0.5), torch.tensor([0]), torch.tensor([2.0]), eps=0.1, beta=0.0)
+    loss, _ = grpo.grpo_loss(
+        logits_for(0.6), logits_for(0.5), torch.tensor([0]), torch.tensor([2.0]), eps=0.1, beta=0.0
+    )
     assert loss.item() == pytest.approx(-1.6, abs=1e-6)
 
 

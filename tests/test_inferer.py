@@ -66,7 +66,9 @@ def test_threshold_zero_equals_monai_sliding_window(mode, overlap, shape):
     x = _image(shape)
     inferer = GlanceFocusInferer(ROI, sw_batch_size=3, overlap=overlap, threshold=0.0, mode=mode)
     out = inferer(x, net)
-    expected = SlidingWindowInferer(ROI, sw_batch_size=3, overlap=overlap, mode=mode)(x, lambda w: net.focus(w).softmax(1))
+    expected = SlidingWindowInferer(ROI, sw_batch_size=3, overlap=overlap, mode=mode)(
+        x, lambda w: net.focus(w).softmax(1)
+    )
     assert out.shape == (shape[0], 2, *shape[2:])
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.sum(1), torch.ones_like(out[:, 0]), rtol=1e-5, atol=1e-5)  # probabilities

@@ -16,6 +16,7 @@ from monai.bundle import ConfigParser
 from monai.data import MetaTensor, NibabelReader
 from monai.transforms import LoadImage, Orientation, Spacing
 from scipy import ndimage
+
 from scripts.loading import (
     NiftiVolumeReader,
     OrientedSpacingd,

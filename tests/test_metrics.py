@@ -18,10 +18,10 @@ from scripts.metrics import (
     flare_dsc,
     flare_nsd,
     lesion_detection,
-    volume_ratio_median,
     recall_by_size,
     scan_detection,
     scan_f1,
+    volume_ratio_median,
     window_confusion,
 )
 
@@ -186,10 +186,7 @@ def batch(*masks: np.ndarray) -> torch.Tensor:
 
 def test_flare_metric_through_ignite_handler():
     one_hot = torch.cat([1 - batch(GT), batch(GT)], dim=1)  # (1,2,...) one-hot prediction
-    data = [
-        {"pred": batch(SHIFTED, EMPTY), "label": batch(GT, EMPTY)},
-        {"pred": one_hot, "label": batch(GT)},
-    ]
+    data = [{"pred": batch(SHIFTED, EMPTY), "label": batch(GT, EMPTY)}, {"pred": one_hot, "label": batch(GT)}]
     engine = Engine(lambda engine, item: item)
     metric = FlareMetric(spacing=(1, 1, 3))
     handler = IgniteMetricHandler(metric_fn=metric, output_transform=from_engine(["pred", "label"]), save_details=True)
@@ -258,7 +255,16 @@ def test_glance_operating_point_by_hand():
     # lesion windows p = .9 .8 .3; lesion-free p = .1 .2 .4 .5 .7. Discarding >= 60 % of the lesion-free windows
     # needs a threshold above .4; at .5 the lesion windows .9 and .8 are kept: sensitivity 2/3.
     # AUC: of the 15 (lesion, free) pairs, the lesion window scores higher in 12 -> 0.8.
-    scores = [[0.9, True], [0.8, True], [0.3, True], [0.1, False], [0.2, False], [0.4, False], [0.5, False], [0.7, False]]
+    scores = [
+        [0.9, True],
+        [0.8, True],
+        [0.3, True],
+        [0.1, False],
+        [0.2, False],
+        [0.4, False],
+        [0.5, False],
+        [0.7, False],
+    ]
     out = glance_operating_point(scores)
     assert out == pytest.approx({"auc": 0.8, "threshold": 0.5, "sensitivity": 2 / 3})
     assert math.isnan(glance_operating_point([[0.5, True]])["auc"])
@@ -267,11 +273,24 @@ def test_glance_operating_point_by_hand():
 def test_screening_threshold_by_hand():
     from scripts.metrics import screening_threshold
 
-    scores = [[0.9, True], [0.8, True], [0.3, True], [0.1, False], [0.2, False], [0.4, False], [0.5, False], [0.7, False]]
+    scores = [
+        [0.9, True],
+        [0.8, True],
+        [0.3, True],
+        [0.1, False],
+        [0.2, False],
+        [0.4, False],
+        [0.5, False],
+        [0.7, False],
+    ]
     # 95 % of 3 lesion windows needs all 3: threshold .3 keeps .3 .4 .5 .7 and discards .1 .2 (2/5); keeps 6/8
-    assert screening_threshold(scores, 0.95) == pytest.approx({"threshold": 0.3, "sensitivity": 1.0, "specificity": 0.4, "kept_fraction": 0.75})
+    assert screening_threshold(scores, 0.95) == pytest.approx(
+        {"threshold": 0.3, "sensitivity": 1.0, "specificity": 0.4, "kept_fraction": 0.75}
+    )
     # 60 % needs 2 (ceil 1.8): threshold .8 discards every lesion-free window and keeps 2/8
-    assert screening_threshold(scores, 0.6) == pytest.approx({"threshold": 0.8, "sensitivity": 2 / 3, "specificity": 1.0, "kept_fraction": 0.25})
+    assert screening_threshold(scores, 0.6) == pytest.approx(
+        {"threshold": 0.8, "sensitivity": 2 / 3, "specificity": 1.0, "kept_fraction": 0.25}
+    )
     assert math.isnan(screening_threshold([[0.5, False]])["threshold"])
 
 
@@ -287,7 +306,10 @@ def test_lesion_reach_through_kept_windows():
 
     gt = cube(lo=(1, 1, 1), size=(2, 2, 2)) | cube(lo=(5, 5, 5), size=(5, 5, 5))  # lesion A, then lesion B
     over_a, over_b = _window((0, 0, 0), (4, 4, 4), True), _window((5, 5, 5), (5, 5, 5), False)
-    assert lesion_reach(gt, [over_a, over_b]) == [{"reached": True, "window_prob": 0.9}, {"reached": False, "window_prob": 0.1}]
+    assert lesion_reach(gt, [over_a, over_b]) == [
+        {"reached": True, "window_prob": 0.9},
+        {"reached": False, "window_prob": 0.1},
+    ]
     # a kept window that holds one voxel of B (5, 5, 5) at its far corner reaches B; one that stops short does not
     assert reached([over_a, over_b, _window((4, 4, 4), (2, 2, 2), True)]) == [True, True]
     assert reached([over_a, over_b, _window((3, 3, 3), (2, 2, 2), True)]) == [True, False]
@@ -295,7 +317,11 @@ def test_lesion_reach_through_kept_windows():
     assert reached([_window((-2, -2, -2), (3, 3, 3), True)]) == [False, False]
     assert reached([_window((-2, -2, -2), (4, 4, 4), True)]) == [True, False]
     # window_prob: the highest p(keep) over the windows touching the lesion, kept or not
-    touching_b = [over_b, {**_window((4, 4, 4), (2, 2, 2), False), "prob": 0.4}, {**_window((0, 0, 0), (9, 9, 9), False), "prob": 0.3}]
+    touching_b = [
+        over_b,
+        {**_window((4, 4, 4), (2, 2, 2), False), "prob": 0.4},
+        {**_window((0, 0, 0), (9, 9, 9), False), "prob": 0.3},
+    ]
     assert [r["window_prob"] for r in lesion_reach(gt, touching_b)] == [0.3, 0.4]
     assert lesion_reach(EMPTY, [over_a]) == []
 
@@ -304,13 +330,17 @@ def test_lesion_reach_in_case_records_and_summary():
     from scripts.metrics import evaluate_case, summarise_cases
 
     gt = cube(lo=(1, 1, 1), size=(2, 2, 2)) | cube(lo=(5, 5, 5), size=(5, 5, 5))  # 8 and 125 voxels
-    windows = [{**_window((0, 0, 0), (4, 4, 4), True), "has_lesion": True},
-               {**_window((5, 5, 5), (5, 5, 5), False), "has_lesion": True},
-               {**_window((0, 5, 0), (4, 4, 4), False), "prob": 0.05, "has_lesion": False},
-               {**_window((5, 0, 0), (4, 4, 4), False), "prob": 0.2, "has_lesion": False}]
+    windows = [
+        {**_window((0, 0, 0), (4, 4, 4), True), "has_lesion": True},
+        {**_window((5, 5, 5), (5, 5, 5), False), "has_lesion": True},
+        {**_window((0, 5, 0), (4, 4, 4), False), "prob": 0.05, "has_lesion": False},
+        {**_window((5, 0, 0), (4, 4, 4), False), "prob": 0.2, "has_lesion": False},
+    ]
     record = evaluate_case(EMPTY, gt, (5.0, 5.0, 5.0), windows)  # 0.125 mL voxels: A 1 mL, B 15.6 mL
     assert [(r["volume_ml"], r["reached"], r["window_prob"], r["detected"]) for r in record["lesions"]] == [
-        (1.0, True, 0.9, False), (15.625, False, 0.1, False)]
+        (1.0, True, 0.9, False),
+        (15.625, False, 0.1, False),
+    ]
     summary = summarise_cases([record, evaluate_case(EMPTY, EMPTY, (5.0, 5.0, 5.0), [windows[2]])])
     reach = summary["glance_lesion_reach_by_size_ml"]
     assert reach["1-5"] == {"recall": 1.0, "detected": 1, "total": 1}
@@ -352,7 +382,9 @@ def test_lesion_reach_follows_the_kept_flag_not_the_probability():
     kept_low = {"start": [0, 0, 0], "size": [4, 4, 4], "prob": 0.4, "kept": True}
     discarded_high = {"start": [5, 5, 5], "size": [5, 5, 5], "prob": 0.6, "kept": False}
     assert lesion_reach(gt, [kept_low, discarded_high]) == [
-        {"reached": True, "window_prob": 0.4}, {"reached": False, "window_prob": 0.6}]
+        {"reached": True, "window_prob": 0.4},
+        {"reached": False, "window_prob": 0.6},
+    ]
 
 
 def test_glance_operating_point_keeps_a_threshold_that_discards_exactly_the_target():

@@ -31,15 +31,22 @@ def site(tmp_path_factory):
     root = tmp_path_factory.mktemp("ml")
     app, bundle = copy_app(root)
     studies, labels = root / "studies", root / "labels"
-    studies.mkdir(), labels.mkdir()
+    studies.mkdir()
+    labels.mkdir()
     for seed, (name, lesions) in enumerate(IMAGES.items()):
         p = phantom(seed, lesions)
         save_nifti(p.image, p.affine, studies / f"{name}.nii.gz")
         save_nifti(p.label, p.affine, labels / f"{name}.nii.gz")
     (studies / "broken.nii.gz").write_bytes(b"\x1f\x8b this is not a gzip stream, nor an image" * 50)
     server = Server(app, str(studies), bundle)
-    yield {"root": root, "server": server, "client": server.client, "studies": studies, "labels": labels,
-           "bundle": bundle}
+    yield {
+        "root": root,
+        "server": server,
+        "client": server.client,
+        "studies": studies,
+        "labels": labels,
+        "bundle": bundle,
+    }
     server.stop()
 
 
@@ -224,8 +231,11 @@ def test_path_traversal_is_refused_and_touches_nothing(site):
         client.put("/datastore/image/info", params={"image": "../victim"}, data={"info": "{}"}),
         client.post("/infer/gf_screen", params={"image": "../victim"}),
         client.post("/infer/gf_screen", params={"image": "case1"}, data={"params": json.dumps({"image": str(victim)})}),
-        client.post("/infer/gf_screen", params={"image": "case1"},
-                    data={"params": json.dumps({"save_label": True, "label_tag": "../../evil"})}),
+        client.post(
+            "/infer/gf_screen",
+            params={"image": "case1"},
+            data={"params": json.dumps({"save_label": True, "label_tag": "../../evil"})},
+        ),
     ]
     for r in attempts:
         assert r.status_code == 400, (r.request.url, r.status_code, r.text)

@@ -15,9 +15,9 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from browser import Browser, chromium_missing
 from pydicom.dataset import Dataset
 
+from browser import Browser, chromium_missing
 from monailabel_utils import (
     JPEG2000,
     JPEG_LOSSLESS,

@@ -39,8 +39,9 @@ def keyed(tmp_path_factory):
     studies.mkdir()
     p = phantom(3)
     save_nifti(p.image, p.affine, studies / "case0.nii.gz")
-    server = Server(app, str(studies), bundle, env={"GF_SCREEN_ADMIN_KEY": ADMIN_KEY}, host="127.0.0.1",
-                    conf={"api_key": KEY})
+    server = Server(
+        app, str(studies), bundle, env={"GF_SCREEN_ADMIN_KEY": ADMIN_KEY}, host="127.0.0.1", conf={"api_key": KEY}
+    )
     yield server, studies, app, bundle
     server.stop()
 
@@ -61,8 +62,16 @@ def site(tmp_path_factory):
     (studies / "labels" / "broken_tag").write_text("a file where a tag folder would go")
     env = {"TMPDIR": str(tmp), "MONAI_LABEL_SESSION_PATH": str(sessions)}
     server = Server(app, str(studies), bundle, env=env, conf={"infer_queue": "2"})
-    yield {"server": server, "client": server.client, "root": root, "studies": studies, "labels": labels,
-           "tmp": tmp, "sessions": sessions, "bundle": bundle}
+    yield {
+        "server": server,
+        "client": server.client,
+        "root": root,
+        "studies": studies,
+        "labels": labels,
+        "tmp": tmp,
+        "sessions": sessions,
+        "bundle": bundle,
+    }
     server.stop()
 
 
@@ -81,8 +90,12 @@ def infer(client: httpx.Client, params: dict | None = None, **query) -> httpx.Re
 
 
 def put_label(client: httpx.Client, image: str, path: Path, tag: str = "final", **kwargs) -> httpx.Response:
-    return client.put("/datastore/label", params={"image": image, "tag": tag},
-                      files={"label": (path.name, path.read_bytes())}, **kwargs)
+    return client.put(
+        "/datastore/label",
+        params={"image": image, "tag": tag},
+        files={"label": (path.name, path.read_bytes())},
+        **kwargs,
+    )
 
 
 def tar_bytes(files: dict[str, bytes], links: dict[str, str] | None = None) -> bytes:
@@ -178,8 +191,9 @@ def test_only_the_admin_key_replaces_weights_and_only_with_a_checkpoint(keyed, t
     r = httpx.put(f"{server.url}/model/gf_screen", files=upload(tmp_path / "tuned.pt"), headers=admin, timeout=60)
     assert r.status_code == 200, r.text
     assert r.json()["checksum"] == f"SHA256:{sha(weights)}" and sha(weights) == sha(tmp_path / "tuned.pt")
-    served = httpx.post(f"{server.url}/infer/gf_screen", params={"image": "case0", "output": "json"}, headers=user,
-                        timeout=300)
+    served = httpx.post(
+        f"{server.url}/infer/gf_screen", params={"image": "case0", "output": "json"}, headers=user, timeout=300
+    )
     assert served.status_code == 200 and served.json()["model"]["weights_mtime"] == weights.stat().st_mtime
     assert sorted(p.name for p in weights.parent.iterdir()) == ["model.pt"]
 
@@ -254,8 +268,9 @@ def test_request_params_never_name_files(site):
         "result_extension": infer(client, {"result_extension": "/../../escape.nii.gz"}, image="case0"),
         "foo": infer(client, {"foo": 1}, image="case0"),
         "device": infer(client, {"device": "tpu"}, image="case0"),
-        "tracking_uri": client.post("/train/gf_screen",
-                                    json={"tracking": "mlflow", "tracking_uri": f"sqlite:///{root}/mlflow.db"}),
+        "tracking_uri": client.post(
+            "/train/gf_screen", json={"tracking": "mlflow", "tracking_uri": f"sqlite:///{root}/mlflow.db"}
+        ),
         "run_id": client.post("/batch/infer/gf_screen", json={"run_id": "x"}),
     }
     for key, r in refused.items():
@@ -264,8 +279,14 @@ def test_request_params_never_name_files(site):
     secret.unlink()
 
     config = client.get("/info/").json()["models"]["gf_screen"]["config"]
-    ohif = {**config, "client_id": "ohif", "result_extension": ".nrrd", "result_dtype": "uint8",
-            "result_compress": False, "restore_label_idx": False}
+    ohif = {
+        **config,
+        "client_id": "ohif",
+        "result_extension": ".nrrd",
+        "result_dtype": "uint8",
+        "result_compress": False,
+        "restore_label_idx": False,
+    }
     r = infer(client, ohif, image="case0")
     assert r.status_code == 200 and r.json()["report"]["case"] == "case0", r.text
 
@@ -352,8 +373,11 @@ def test_no_temporary_file_is_left_behind(site, tmp_path):
     refused = [
         client.put("/datastore/image", params={"image": "junk"}, files=junk),
         infer(client, files=junk),
-        client.put("/datastore/label", params={"image": "case2", "tag": "final"},
-                   files={"label": ("myscan.nii.gz", junk["file"][1])}),
+        client.put(
+            "/datastore/label",
+            params={"image": "case2", "tag": "final"},
+            files={"label": ("myscan.nii.gz", junk["file"][1])},
+        ),
         client.put("/session/", files=[("files", junk["file"])]),
         client.put("/session/", params={"uncompress": "true"}, files=[("files", ("myscan.nii.gz", b"not a tar"))]),
     ]

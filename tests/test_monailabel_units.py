@@ -128,7 +128,9 @@ def test_resampled_shape_is_the_world_extent_over_the_target_spacing():
 
 def test_image_limits_are_checked_from_the_header(tmp_path):
     coarse = save_nifti(np.zeros((32, 32, 16), np.int16), np.diag([30.0, 30.0, 60.0, 1.0]), tmp_path / "c.nii.gz")
-    check_image(coarse, read_voxels=False, limits=ImageLimits(pixdim=(1.5, 1.5, 3.0), max_resampled_voxels=640**2 * 320))
+    check_image(
+        coarse, read_voxels=False, limits=ImageLimits(pixdim=(1.5, 1.5, 3.0), max_resampled_voxels=640**2 * 320)
+    )
     with pytest.raises(InvalidUpload, match=r"\(640, 640, 320\)"):
         check_image(coarse, limits=ImageLimits(pixdim=(1.5, 1.5, 3.0), max_resampled_voxels=640**2 * 320 - 1))
     with pytest.raises(InvalidUpload, match="exceeds the limit"):
@@ -136,14 +138,31 @@ def test_image_limits_are_checked_from_the_header(tmp_path):
 
 
 def test_declared_params():
-    declared = {"n": Number(1, 10, integer=True), "f": Number(0.0, 0.9), "on": Flag(), "dev": Choice(("cpu",), many=True),
-                "id": Text(nullable=True)}
+    declared = {
+        "n": Number(1, 10, integer=True),
+        "f": Number(0.0, 0.9),
+        "on": Flag(),
+        "dev": Choice(("cpu",), many=True),
+        "id": Text(nullable=True),
+    }
     ok = {"n": 3, "f": 0.5, "on": False, "dev": ["cpu"], "id": None}
     assert check_params(ok, declared, "task") == ok
     assert check_params(None, declared, "task") == {}
-    for bad in ({"other": 1}, {"n": "3"}, {"n": True}, {"n": 3.0}, {"n": 11}, {"n": None}, {"f": 2.0},
-                {"f": float("nan")}, {"on": "true"}, {"dev": "gpu"}, {"dev": ["cpu", "gpu"]}, {"id": "a\0b"},
-                {"id": "x" * 200}):
+    for bad in (
+        {"other": 1},
+        {"n": "3"},
+        {"n": True},
+        {"n": 3.0},
+        {"n": 11},
+        {"n": None},
+        {"f": 2.0},
+        {"f": float("nan")},
+        {"on": "true"},
+        {"dev": "gpu"},
+        {"dev": ["cpu", "gpu"]},
+        {"id": "a\0b"},
+        {"id": "x" * 200},
+    ):
         with pytest.raises(InvalidRequest):
             check_params(bad, declared, "task")
     with pytest.raises(InvalidRequest, match="JSON object"):

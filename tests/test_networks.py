@@ -36,7 +36,10 @@ def _small_glance(in_channels: int = 1) -> GlanceNet:
     [
         ({}, (32, 32, 16)),  # the class defaults on the default window
         ({"downsample": 1, "channels": (4, 8), "strides": (2, 2)}, (16, 16, 8)),
-        ({"in_channels": 2, "downsample": 2, "channels": (8, 16, 16), "strides": (2, 2, 1)}, (96, 96, 64)),  # paper window
+        (
+            {"in_channels": 2, "downsample": 2, "channels": (8, 16, 16), "strides": (2, 2, 1)},
+            (96, 96, 64),
+        ),  # paper window
     ],
 )
 def test_glance_net_gives_two_logits_per_window(kwargs, window):
@@ -67,7 +70,9 @@ def test_glance_logit_map_is_coarse_and_gives_the_window_logits():
         w = window_logits(fmap[1], [[16, 8, 0]], [32, 16, 16], net.scale)
         torch.testing.assert_close(w[0], fmap[1][:, 2:6, 1:3, 0:2].mean((1, 2, 3)))
         # a window larger than the volume (padded by the inferer) reads the whole map
-        torch.testing.assert_close(window_logits(fmap[0], [[-8, -8, -8]], [80, 64, 48], net.scale)[0], fmap[0].mean((1, 2, 3)))
+        torch.testing.assert_close(
+            window_logits(fmap[0], [[-8, -8, -8]], [80, 64, 48], net.scale)[0], fmap[0].mean((1, 2, 3))
+        )
 
 
 @pytest.mark.parametrize("window_pool", ["mean", "max"])
@@ -82,7 +87,9 @@ def test_window_logits_of_many_windows_equal_pooling_each_window_cells(window_po
     starts = [[0, 0, 0], [8, 4, 8], [12, 6, 2], [14, 10, 8], [-4, 0, 0], [20, 12, 12]]
     got = window_logits(fmap, starts, size, scale, window_pool)
     for (x, y, z), row in zip(starts, got):
-        cells = fmap[:, max(x // 4, 0) : -(-(x + 16) // 4), max(y // 4, 0) : -(-(y + 16) // 4), z // 4 : -(-(z + 8) // 4)]
+        cells = fmap[
+            :, max(x // 4, 0) : -(-(x + 16) // 4), max(y // 4, 0) : -(-(y + 16) // 4), z // 4 : -(-(z + 8) // 4)
+        ]
         torch.testing.assert_close(row, pool_logits(cells, window_pool))
 
 
@@ -155,16 +162,31 @@ def test_metadata_matches_configs(config):
 def test_verify_net_in_out(config):
     """MONAI's model-zoo CI check (channels and dtype from metadata.json) on the Focus output, and the same check
     on the Glance head (2 logits: discard, keep)."""
-    verify_net_in_out(net_id="network_def", meta_file=META, config_file=str(CONFIGS / config), device="cpu", bundle_root=str(BUNDLE_ROOT))
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=META,
+        config_file=str(CONFIGS / config),
+        device="cpu",
+        bundle_root=str(BUNDLE_ROOT),
+    )
     # the Glance as inference runs it: on a bare window (training feeds it crops with context instead)
     verify_net_in_out(
-        net_id="network_def", meta_file=META, config_file=str(CONFIGS / config), device="cpu", bundle_root=str(BUNDLE_ROOT),
-        extra_forward_args={"glance": True}, **({"glance_context": [0, 0, 0]} if config == "train.json" else {}),
+        net_id="network_def",
+        meta_file=META,
+        config_file=str(CONFIGS / config),
+        device="cpu",
+        bundle_root=str(BUNDLE_ROOT),
+        extra_forward_args={"glance": True},
+        **({"glance_context": [0, 0, 0]} if config == "train.json" else {}),
     )
     # a wrong channel count in metadata must be caught (the check is not vacuous)
     with pytest.raises(ValueError, match="output channel number"):
         verify_net_in_out(
-            net_id="network_def", meta_file=META, config_file=str(CONFIGS / config), device="cpu", bundle_root=str(BUNDLE_ROOT),
+            net_id="network_def",
+            meta_file=META,
+            config_file=str(CONFIGS / config),
+            device="cpu",
+            bundle_root=str(BUNDLE_ROOT),
             **{"_meta_#network_data_format#outputs#pred#num_channels": 3},
         )
 
@@ -196,11 +218,25 @@ def test_ckpt_export_torchscript(tmp_path):
     ts = tmp_path / "model.ts"
     proc = subprocess.run(
         [
-            sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def",
-            "--filepath", str(ts), "--ckpt_file", str(ckpt),
-            "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json",
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "ckpt_export",
+            "network_def",
+            "--filepath",
+            str(ts),
+            "--ckpt_file",
+            str(ckpt),
+            "--meta_file",
+            "configs/metadata.json",
+            "--config_file",
+            "configs/inference.json",
         ],
-        cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"},
+        cwd=BUNDLE_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert ts.is_file()

@@ -24,8 +24,18 @@ def test_packed_bundle_runs_inference_elsewhere(tmp_path):
     ph = make_phantom(3, shape=(64, 64, 32), spacing=(3.0, 3.0, 5.0))
     (tmp_path / "in").mkdir()
     nib.save(nib.Nifti1Image(ph.image, ph.affine), str(tmp_path / "in" / "case.nii.gz"))
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
-           "--dataset_dir", str(tmp_path / "in"), "--output_dir", str(tmp_path / "out")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "configs/inference.json",
+        "--dataset_dir",
+        str(tmp_path / "in"),
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
     done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     mask = nib.load(str(tmp_path / "out" / "case_lesion.nii.gz"))

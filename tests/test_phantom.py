@@ -157,9 +157,7 @@ def test_write_dataset(tmp_path):
             assert set(entry) == {"image"} and not label_file.exists()
 
 
-@pytest.mark.parametrize(
-    "num_cases,healthy_fraction,n_healthy", [(2, 0.25, 0), (4, 0.25, 2), (5, 0.0, 0), (8, 0.5, 4)]
-)
+@pytest.mark.parametrize("num_cases,healthy_fraction,n_healthy", [(2, 0.25, 0), (4, 0.25, 2), (5, 0.0, 0), (8, 0.5, 4)])
 def test_dataset_splits(tmp_path, num_cases, healthy_fraction, n_healthy):
     path = write_phantom_dataset(tmp_path, num_cases=num_cases, healthy_fraction=healthy_fraction, **TINY)
     data = json.loads(path.read_text())

@@ -48,7 +48,10 @@ def test_sweep_scores_each_post_processing_variant():
     """False positives fall as the gate rises, while the lesion stays found; the row shows the counts."""
     scores = []
     for peak in (0.5, 0.65, 0.9):
-        post = [RemoveSmallObjectsd("pred", min_size=50, by_measure=True), LesionConfidenceFilterd("pred", min_peak=peak)]
+        post = [
+            RemoveSmallObjectsd("pred", min_size=50, by_measure=True),
+            LesionConfidenceFilterd("pred", min_peak=peak),
+        ]
         scores.append(_score({**_case(), "windows": ()}, post))
     assert [s["fp_components"] for s in scores] == [2, 1, 0]
     assert all(s["tp_lesions"] == 1 for s in scores)
@@ -59,9 +62,17 @@ def test_sweep_scores_each_post_processing_variant():
     s = _score({**tiny, "windows": ()}, [RemoveSmallObjectsd("pred", min_size=50, by_measure=True)])
     assert s["fp_components"] == 1
     summary = {
-        "fp_components_per_scan": 2.0, "lesion_recall_by_size_ml": {
-            "0-1": {"detected": 1, "total": 1}, "1-5": {"detected": 0, "total": 2}, "5-inf": {"detected": 3, "total": 4}},
-        "volume_ratio_median": np.nan, "dsc": 0.5, "kept_fraction": 0.25,
+        "fp_components_per_scan": 2.0,
+        "lesion_recall_by_size_ml": {
+            "0-1": {"detected": 1, "total": 1},
+            "1-5": {"detected": 0, "total": 2},
+            "5-inf": {"detected": 3, "total": 4},
+        },
+        "volume_ratio_median": np.nan,
+        "dsc": 0.5,
+        "kept_fraction": 0.25,
     }
-    line = row(0.7, 50, 0.8, summary, [{"has_lesion": False, "fp_components": 1}, {"has_lesion": True, "fp_components": 3}])
+    line = row(
+        0.7, 50, 0.8, summary, [{"has_lesion": False, "fp_components": 1}, {"has_lesion": True, "fp_components": 3}]
+    )
     assert line == "| 0.7 | 50 | 0.8 | 2.00 | 1/1 | 0/2 | 3/4 | - | 0.500 | 0.250 | 1/1 |"

@@ -13,6 +13,7 @@ import pytest
 from monai.bundle import ConfigParser
 from monai.data import list_data_collate
 from monai.transforms import Compose, Lambdad
+
 from scripts.phantom import make_phantom
 from scripts.prefetch import ScanDataset, prefetched_cases
 

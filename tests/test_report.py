@@ -87,12 +87,15 @@ def test_save_report_is_strict_json_and_atomic(tmp_path):
 
 
 def test_glance_heatmap_takes_max_and_clips():
-    heat = glance_heatmap((8, 8, 8), [
-        {"prob": 0.3, "start": (0, 0, 0), "size": 4},
-        {"prob": 0.8, "start": (2, 2, 2), "size": (4, 4, 4)},
-        {"prob": 0.5, "start": (6, 6, 6), "size": (4, 4, 4)},  # runs past the edge
-        {"prob": 0.1, "start": (1, 1, 1), "size": (2, 2, 2)},  # lower than what covers it already
-    ])
+    heat = glance_heatmap(
+        (8, 8, 8),
+        [
+            {"prob": 0.3, "start": (0, 0, 0), "size": 4},
+            {"prob": 0.8, "start": (2, 2, 2), "size": (4, 4, 4)},
+            {"prob": 0.5, "start": (6, 6, 6), "size": (4, 4, 4)},  # runs past the edge
+            {"prob": 0.1, "start": (1, 1, 1), "size": (2, 2, 2)},  # lower than what covers it already
+        ],
+    )
     assert heat.dtype == np.float32 and heat.shape == (8, 8, 8)
     assert heat[0, 0, 0] == pytest.approx(0.3) and heat[1, 1, 1] == pytest.approx(0.3)
     assert heat[3, 3, 3] == pytest.approx(0.8) and heat[7, 7, 7] == pytest.approx(0.5)
@@ -136,8 +139,11 @@ def test_overview_draws_the_saved_mask_on_the_model_grid(tmp_path, monkeypatch):
     saved = torch.zeros(1, 40, 40, 30)  # the input grid: 0.75 x 0.75 x 1 mm
     saved[0, 8:16, 8:16, 6:15] = 1  # 6-12 mm, 6-12 mm, 6-15 mm
     pred = MetaTensor(saved, affine=torch.diag(torch.tensor([0.75, 0.75, 1.0, 1.0])))
-    ScreeningReportHandler(str(tmp_path), threshold=0.5)._render({"image": image, "pred": pred, "windows": []}, "c", {
-        "verdict": "suspicious", "score": 1.0, "windows": {"kept": 0, "total": 0}})
+    ScreeningReportHandler(str(tmp_path), threshold=0.5)._render(
+        {"image": image, "pred": pred, "windows": []},
+        "c",
+        {"verdict": "suspicious", "score": 1.0, "windows": {"kept": 0, "total": 0}},
+    )
     assert drawn["mask"].shape == drawn["hu"].shape == (20, 20, 10)
     assert set(map(tuple, np.argwhere(drawn["mask"])[:, :2])) == {(x, y) for x in range(4, 8) for y in range(4, 8)}
     assert set(np.argwhere(drawn["mask"])[:, 2]) == {2, 3, 4}
@@ -204,8 +210,10 @@ def test_overview_heat_map_differs_where_p_keep_differs(tmp_path, monkeypatch):
     low = np.full(ct.shape, 0.2, np.float32)
     high_on_lesion = low.copy()
     high_on_lesion[:24] = 0.9
-    plain, a, b = (_render_views(tmp_path, monkeypatch, name, ct, mask, heat)[0]
-                   for name, heat in (("plain", None), ("low", low), ("high", high_on_lesion)))
+    plain, a, b = (
+        _render_views(tmp_path, monkeypatch, name, ct, mask, heat)[0]
+        for name, heat in (("plain", None), ("low", low), ("high", high_on_lesion))
+    )
     inside = lambda blob: ndimage.binary_erosion(blob, iterations=4)  # noqa: E731 (away from the contour)
     lesion, landmark = inside(_grey_blob(plain, 191)), inside(_grey_blob(plain, 229))
     assert lesion.sum() > 200 and landmark.sum() > 200

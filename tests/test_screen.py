@@ -32,8 +32,18 @@ from scripts.screen import find_cases, screen
 BUNDLE_ROOT = Path(__file__).resolve().parents[1] / "bundle"
 REAL_DICOM = Path(__file__).resolve().parents[2] / "shared" / "data" / "realct" / "dicom" / "totalseg_example_ct_dicom"
 NO_ORTHANC = "Orthanc not installed: apt-get install orthanc orthanc-dicomweb"
-REPORT_KEYS = {"case", "verdict", "score", "lesion_voxels", "fp_voxel_threshold", "lesions", "windows", "timings_s",
-               "input_geometry", "files"}
+REPORT_KEYS = {
+    "case",
+    "verdict",
+    "score",
+    "lesion_voxels",
+    "fp_voxel_threshold",
+    "lesions",
+    "windows",
+    "timings_s",
+    "input_geometry",
+    "files",
+}
 TIMING_KEYS = {"load", "glance", "focus", "postprocess", "save", "report", "total"}
 LESION_KEYS = {"volume_ml", "centroid_mm", "bbox_voxel", "max_probability", "voxels"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -64,8 +74,13 @@ def use_bundle(weights_bundle, monkeypatch):
 def _run(input_path, out, **kwargs) -> int:
     bundle = screen_module.BUNDLE_ROOT
     try:
-        screen(input=str(input_path), output_dir=str(out), device="cpu",
-               config_file=str(bundle / "configs" / "inference.json"), **kwargs)
+        screen(
+            input=str(input_path),
+            output_dir=str(out),
+            device="cpu",
+            config_file=str(bundle / "configs" / "inference.json"),
+            **kwargs,
+        )
     except SystemExit as e:
         return int(e.code)
     return 0
@@ -381,7 +396,11 @@ def test_bad_file_is_reported_and_batch_continues(tmp_path, weights_bundle):
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "scripts.screen", "--input", str(folder), "--output_dir", str(out), "--device", "cpu"],
-        cwd=weights_bundle, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"},
+        cwd=weights_bundle,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
     )
     assert proc.returncode == 1, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

@@ -112,7 +112,12 @@ def test_check_inside_refuses_a_symlink_out_of_the_folder(studies):
 
 @pytest.mark.parametrize(
     "shape",
-    [(MAX_EDGE, 2, 2), (2, MAX_EDGE, 2), (2, 2, MAX_EDGE), (MAX_EDGE, MAX_EDGE, MAX_VOXELS // MAX_EDGE**2)],  # last: MAX_VOXELS
+    [
+        (MAX_EDGE, 2, 2),
+        (2, MAX_EDGE, 2),
+        (2, 2, MAX_EDGE),
+        (MAX_EDGE, MAX_EDGE, MAX_VOXELS // MAX_EDGE**2),
+    ],  # last: MAX_VOXELS
 )
 def test_forged_header_at_the_limits_passes_the_header_check(tmp_path, shape):
     assert int(np.prod(shape)) <= MAX_VOXELS
@@ -121,7 +126,12 @@ def test_forged_header_at_the_limits_passes_the_header_check(tmp_path, shape):
 
 @pytest.mark.parametrize(
     "shape",
-    [(MAX_EDGE + 1, 2, 2), (2, MAX_EDGE + 1, 2), (2, 2, MAX_EDGE + 1), (MAX_EDGE, MAX_EDGE, MAX_VOXELS // MAX_EDGE**2 + 1)],
+    [
+        (MAX_EDGE + 1, 2, 2),
+        (2, MAX_EDGE + 1, 2),
+        (2, 2, MAX_EDGE + 1),
+        (MAX_EDGE, MAX_EDGE, MAX_VOXELS // MAX_EDGE**2 + 1),
+    ],
 )
 def test_forged_oversize_header_is_refused_before_any_voxel_is_read(tmp_path, shape):
     """A 70-byte upload claiming gigabytes of voxels is refused from its header (the voxels are never allocated)."""

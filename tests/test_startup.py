@@ -11,6 +11,7 @@ from pathlib import Path
 
 import nibabel as nib
 import pytest
+
 from scripts.phantom import make_phantom
 from scripts.startup import UNUSED_BY_SCREENING, skip_unused_imports
 

@@ -123,7 +123,10 @@ def test_rl_warmup_epochs_leave_the_policy_loss_out_until_they_are_over():
     """Epochs 1-2 of rl_warmup_epochs=2: loss = seg + alpha * CE; epoch 3: the GRPO term is added."""
     seen = []
     trainer = _trainer(_net(), [_batch()], max_epochs=3, alpha=0.1, rl_warmup_epochs=2)
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append({k: e.state.output[k].detach() for k in ("loss", "seg_loss", "glance_ce", "rl_loss")}))
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED,
+        lambda e: seen.append({k: e.state.output[k].detach() for k in ("loss", "seg_loss", "glance_ce", "rl_loss")}),
+    )
     trainer.run()
     for epoch, out in enumerate(seen, 1):
         rl = out["rl_loss"] if epoch > 2 else 0.0
@@ -171,7 +174,10 @@ def test_loss_terms_add_up():
     torch.testing.assert_close(out["loss"].detach(), expected, rtol=1e-6, atol=1e-6)
     # the segmentation term is the configured loss on the Focus logits of this batch
     torch.testing.assert_close(
-        out["seg_loss"], DiceCELoss(to_onehot_y=True, softmax=True)(out["pred"].detach(), batch["label"]), rtol=1e-5, atol=1e-6
+        out["seg_loss"],
+        DiceCELoss(to_onehot_y=True, softmax=True)(out["pred"].detach(), batch["label"]),
+        rtol=1e-5,
+        atol=1e-6,
     )
     assert out["pred"].shape == (2 * GROUP, 2, *WINDOW)
     assert 0.0 <= float(out["reward"]) <= 1.0
@@ -389,7 +395,9 @@ def _saver(tmp_path, net, trainer) -> CheckpointSaver:
     saver = CheckpointSaver(
         str(tmp_path),
         {"model": net, "optimizer": trainer.optimizer, "trainer": trainer, "reference": trainer.reference},
-        save_interval=1, n_saved=1, epoch_level=True,
+        save_interval=1,
+        n_saved=1,
+        epoch_level=True,
     )
     saver.attach(trainer)
     return saver

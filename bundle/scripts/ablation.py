@@ -63,10 +63,19 @@ def ablation(
     results = {}
     for name, arm_overrides in ARMS.items():
         arm = out / name.replace(" ", "").replace("+", "_").lower()
-        common = {"dataset_dir": str(data), "ckpt_dir": str(arm / "models"), "output_dir": str(arm / "eval"), "num_workers": 0}
+        common = {
+            "dataset_dir": str(data),
+            "ckpt_dir": str(arm / "models"),
+            "output_dir": str(arm / "eval"),
+            "num_workers": 0,
+        }
         common.update(overrides or {})
         start = time.perf_counter()
-        final = {"train#trainer#max_epochs": epochs, "val_interval": epochs, "resume": False}  # validate (and save) at the end
+        final = {
+            "train#trainer#max_epochs": epochs,
+            "val_interval": epochs,
+            "resume": False,
+        }  # validate (and save) at the end
         if train:
             run("training", config_file=config_file, **common, **arm_overrides, **final)
         minutes = (time.perf_counter() - start) / 60 if train else previous.get(name, {}).get("train_minutes", math.nan)
@@ -76,7 +85,10 @@ def ablation(
     (out / "summary.json").write_text(json.dumps(results, indent=2))
     if report:
         _write_report(Path(report), results, num_cases, epochs, seed, overrides or {})
-    return {k: {m: v["summary"][m] for m in ("glance_sensitivity", "glance_specificity", "kept_fraction", "dsc")} for k, v in results.items()}
+    return {
+        k: {m: v["summary"][m] for m in ("glance_sensitivity", "glance_specificity", "kept_fraction", "dsc")}
+        for k, v in results.items()
+    }
 
 
 def _write_report(path: Path, results: dict, num_cases: int, epochs: int, seed: int, overrides: dict) -> None:

@@ -29,7 +29,6 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 
 from .report import _atomic_write
 
-
 SEG_SERIES_NUMBER, SC_SERIES_NUMBER = 9901, 9902  # high numbers: listed after the scanner's own series
 POSITION_TOL = 0.1  # a slice may lie this fraction of the slice step off the uniform grid, or of a pixel sideways
 GRID_TOL = 0.25  # voxels: the loaded volume and the DICOM slices must agree this closely

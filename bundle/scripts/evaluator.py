@@ -29,6 +29,8 @@ class ScreeningEvaluator(SupervisedEvaluator):
         labels = batchdata.get(Keys.LABEL)
         for b, (item, windows) in enumerate(zip(outputs, engine.inferer.last_windows)):
             if labels is not None:
-                windows = [{**w, "has_lesion": bool(labels[b][(slice(None), *window_slices(w))].gt(0).any())} for w in windows]
+                windows = [
+                    {**w, "has_lesion": bool(labels[b][(slice(None), *window_slices(w))].gt(0).any())} for w in windows
+                ]
             item["windows"] = windows
         return outputs

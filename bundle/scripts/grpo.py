@@ -79,7 +79,9 @@ def action_log_prob(glance_logits: torch.Tensor, actions: torch.Tensor) -> torch
 RATIO_RANGE = (0.01, 5.0)
 
 
-def clipped_surrogate(log_p: torch.Tensor, log_p_ref: torch.Tensor, advantage: torch.Tensor, eps: float) -> torch.Tensor:
+def clipped_surrogate(
+    log_p: torch.Tensor, log_p_ref: torch.Tensor, advantage: torch.Tensor, eps: float
+) -> torch.Tensor:
     """min(ŝ1·A, ŝ2·A) with ŝ1 = G/G_ref bounded to ``RATIO_RANGE`` and ŝ2 = clip(ŝ1, 1-eps, 1+eps), per window."""
     ratio = (log_p - log_p_ref).exp().clamp(*RATIO_RANGE)
     return torch.minimum(ratio * advantage, ratio.clamp(1 - eps, 1 + eps) * advantage)

@@ -94,7 +94,10 @@ class GlanceFocusInferer(Inferer):
 
         starts = [[s.start - p for s, p in zip(window, lo)] for window in grid]
         self.last_windows = [
-            [{"start": list(st), "size": list(roi), "prob": p, "kept": p >= self.threshold} for st, p in zip(starts, item)]
+            [
+                {"start": list(st), "size": list(roi), "prob": p, "kept": p >= self.threshold}
+                for st, p in zip(starts, item)
+            ]
             for item in probs.tolist()
         ]
         self.last_timings = timings
@@ -104,13 +107,21 @@ class GlanceFocusInferer(Inferer):
         """p(keep) of every window of every volume in ``x``: (B, windows)."""
         if hasattr(glance, "logit_map"):  # shared features: one pass over the volumes
             starts = [[s.start for s in w] for w in grid]
-            logits = torch.stack([window_logits(m, starts, roi, glance.scale, glance.window_pool) for m in glance.logit_map(x)])
+            logits = torch.stack(
+                [window_logits(m, starts, roi, glance.scale, glance.window_pool) for m in glance.logit_map(x)]
+            )
         else:
             windows = [(b, w) for b in range(x.shape[0]) for w in grid]
-            logits = torch.cat([
-                glance(torch.cat([x[(slice(b, b + 1), slice(None), *w)] for b, w in windows[i : i + self.sw_batch_size]]))
-                for i in range(0, len(windows), self.sw_batch_size)
-            ]).view(x.shape[0], len(grid), -1)
+            logits = torch.cat(
+                [
+                    glance(
+                        torch.cat(
+                            [x[(slice(b, b + 1), slice(None), *w)] for b, w in windows[i : i + self.sw_batch_size]]
+                        )
+                    )
+                    for i in range(0, len(windows), self.sw_batch_size)
+                ]
+            ).view(x.shape[0], len(grid), -1)
         return logits.float().softmax(-1)[..., KEEP]
 
 

@@ -426,7 +426,9 @@ def screening_threshold(scores: Sequence[Sequence[Any]], sensitivity: float = 0.
     }
 
 
-def summarise_cases(cases: Sequence[Mapping[str, Any]], bins_ml: Sequence[float] = (0.0, 1.0, 5.0, math.inf)) -> dict[str, Any]:
+def summarise_cases(
+    cases: Sequence[Mapping[str, Any]], bins_ml: Sequence[float] = (0.0, 1.0, 5.0, math.inf)
+) -> dict[str, Any]:
     """Dataset-level screening scores from :func:`evaluate_case` records: mean DSC/NSD, lesion recall by size,
     scan-level F1 and false-positive rate on lesion-free scans, pooled glance window rates, and the lesions the
     Glance let through to the Focus (by size at the run's threshold; overall at 60 % of lesion-free windows

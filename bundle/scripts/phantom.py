@@ -224,8 +224,10 @@ def _anatomy(
     paint(ribs if chest else ribs & (w > -0.1), "bone", rng.uniform(450, 650))
 
     # lesion hosts: what is left of each organ after later painting (lung nodules may cover lung vessels)
-    hosts = {name: mask & (tissue == TISSUES[name]) for name, mask in
-             (("liver", liver), ("kidney", kidneys), ("pancreas", pancreas), ("bone", vertebra))}
+    hosts = {
+        name: mask & (tissue == TISSUES[name])
+        for name, mask in (("liver", liver), ("kidney", kidneys), ("pancreas", pancreas), ("bone", vertebra))
+    }
     hosts["lung"] = lung & ((tissue == TISSUES["lung"]) | (lung_vessels & (tissue == TISSUES["vessel"])))
     return hu, tissue, hosts
 

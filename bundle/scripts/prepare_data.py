@@ -33,12 +33,14 @@ EXCLUDED = ("totalseg_example", "crlm_1004")
 
 def _resampler(pixdim: tuple[float, float, float], keys: list[str]) -> Compose:
     """Load the image and its masks, reorient to RAS, resample to ``pixdim`` and crop to the body."""
-    return Compose([
-        LoadImaged(keys, ensure_channel_first=True),
-        Orientationd(keys, axcodes="RAS"),
-        Spacingd(keys, pixdim=pixdim, mode=["bilinear"] + ["nearest"] * (len(keys) - 1)),
-        CropForegroundd(keys, source_key="image", select_fn=lambda x: x > -500, margin=8, allow_smaller=True),
-    ])
+    return Compose(
+        [
+            LoadImaged(keys, ensure_channel_first=True),
+            Orientationd(keys, axcodes="RAS"),
+            Spacingd(keys, pixdim=pixdim, mode=["bilinear"] + ["nearest"] * (len(keys) - 1)),
+            CropForegroundd(keys, source_key="image", select_fn=lambda x: x > -500, margin=8, allow_smaller=True),
+        ]
+    )
 
 
 def _liver_mask(organs: Path) -> np.ndarray | None:
@@ -97,7 +99,9 @@ def prepare(
                 entry[key] = Path(path).relative_to(out).as_posix()
         split["validation" if validation else "training"].append(entry)
     shutil.rmtree(out / "tmp", ignore_errors=True)
-    ph = json.loads(write_phantom_dataset(out / "phantoms", num_cases=phantoms, val_fraction=0.25, seed=seed).read_text())
+    ph = json.loads(
+        write_phantom_dataset(out / "phantoms", num_cases=phantoms, val_fraction=0.25, seed=seed).read_text()
+    )
     for key in split:
         split[key] += [{k: f"phantoms/{v}" for k, v in e.items()} for e in ph[key]]
     datalist = out / "dataset.json"

@@ -75,7 +75,9 @@ def sweep(
     parser.update({"min_lesion_mm3": 0, "min_lesion_peak": 0.0})  # the raw p > 0.5 mask; variants below
     evaluator = parser.get_parsed_content("validate#evaluator")
     outputs: list[dict] = []
-    evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.extend(_keep(item) for item in e.state.output))
+    evaluator.add_event_handler(
+        Events.ITERATION_COMPLETED, lambda e: outputs.extend(_keep(item) for item in e.state.output)
+    )
     results = []
     print(HEADER)
     for threshold in tqdm(thresholds, desc="glance thresholds", unit="threshold"):
@@ -84,11 +86,24 @@ def sweep(
         evaluator.run()
         for min_size in min_sizes_mm3:
             for min_peak in min_peaks:
-                post = [RemoveSmallObjectsd("pred", min_size=float(min_size), by_measure=True), LesionConfidenceFilterd("pred", min_peak=float(min_peak))]
+                post = [
+                    RemoveSmallObjectsd("pred", min_size=float(min_size), by_measure=True),
+                    LesionConfidenceFilterd("pred", min_peak=float(min_peak)),
+                ]
                 cases = [_score(o, post) for o in outputs]
                 summary = summarise_cases(cases)
-                setting = {"threshold": float(threshold), "min_lesion_mm3": float(min_size), "min_lesion_peak": float(min_peak)}
-                results.append({**setting, "summary": summary, "cases": [{k: v for k, v in c.items() if k != "window_scores"} for c in cases]})
+                setting = {
+                    "threshold": float(threshold),
+                    "min_lesion_mm3": float(min_size),
+                    "min_lesion_peak": float(min_peak),
+                }
+                results.append(
+                    {
+                        **setting,
+                        "summary": summary,
+                        "cases": [{k: v for k, v in c.items() if k != "window_scores"} for c in cases],
+                    }
+                )
                 print(row(threshold, min_size, min_peak, summary, cases), flush=True)
     if out:
         Path(out).write_text(json.dumps(results, indent=2, default=float))

@@ -52,8 +52,9 @@ def render(out: str = "../docs/images/lesion_synthesis.png", realct: str = str(R
     FigureCanvasAgg(fig)
     for row, (title, name, host, diameters, extra) in enumerate(ROWS):
         d = _case(Path(realct), name)
-        synth = RandLesionSynthesisd(pixdim=PIXDIM, prob=1.0, max_lesions=1, host_weights={host: 1.0},
-                                     diameter_mm=diameters, **extra)
+        synth = RandLesionSynthesisd(
+            pixdim=PIXDIM, prob=1.0, max_lesions=1, host_weights={host: 1.0}, diameter_mm=diameters, **extra
+        )
         synth.set_random_state(seed + row)
         after = synth(d)
         rec = synth.implanted[0]
@@ -64,7 +65,11 @@ def render(out: str = "../docs/images/lesion_synthesis.png", realct: str = str(R
         added = (after["label"][0][box] > 0).numpy() & (d["label"][0][box] == 0).numpy()
         level, width = (-600, 1500) if host == "lung" else (40, 400)
         for col, (img, label, caption) in enumerate(
-            ((before_img, None, "real CT"), (after_img, None, "with synthetic lesion"), (after_img, added, "label added"))
+            (
+                (before_img, None, "real CT"),
+                (after_img, None, "with synthetic lesion"),
+                (after_img, added, "label added"),
+            )
         ):
             ax = fig.add_subplot(len(ROWS), 3, 3 * row + col + 1)
             ax.imshow(img.T, cmap="gray", vmin=level - width / 2, vmax=level + width / 2, origin="lower", aspect=1.0)
@@ -73,8 +78,14 @@ def render(out: str = "../docs/images/lesion_synthesis.png", realct: str = str(R
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title(caption if col else f"{title}\n{caption}", fontsize=9)
-        ax.text(1.02, 0.5, f"{rec['hu']:.0f} HU\nhost {rec['host_hu']:.0f}\n{rec['diameter_mm']:.0f} mm",
-                transform=ax.transAxes, fontsize=8, va="center")
+        ax.text(
+            1.02,
+            0.5,
+            f"{rec['hu']:.0f} HU\nhost {rec['host_hu']:.0f}\n{rec['diameter_mm']:.0f} mm",
+            transform=ax.transAxes,
+            fontsize=8,
+            va="center",
+        )
     fig.suptitle("GF-Screen lesion synthesis on real CT (axial, 1.5 x 1.5 x 3 mm grid)", fontsize=11)
     fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -336,7 +336,12 @@ class RandLesionSynthesisd(RandomizableTransform, MapTransform):
         self.spacing = np.asarray(pixdim, float)
         self.max_lesions, self.diameter_mm, self.host_weights = max_lesions, tuple(diameter_mm), weights
         self.p_hypo, self.liver_shift, self.nodule_hu = p_hypo, tuple(liver_shift), tuple(nodule_hu)
-        self.soft_shift, self.texture_hu, self.deform, self.margin_mm = tuple(soft_shift), tuple(texture_hu), deform, margin_mm
+        self.soft_shift, self.texture_hu, self.deform, self.margin_mm = (
+            tuple(soft_shift),
+            tuple(texture_hu),
+            deform,
+            margin_mm,
+        )
         self.implanted: list[dict] = []
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
@@ -367,7 +372,9 @@ class RandLesionSynthesisd(RandomizableTransform, MapTransform):
         radii = 0.5 * float(np.exp(self.R.uniform(np.log(lo_d), np.log(hi_d)))) * self.R.uniform(0.75, 1.25, 3)
         reach = np.ceil((radii * (1 + self.deform) + 2 * self.margin_mm) / self.spacing).astype(int) + 1
         box = tuple(slice(max(c - r, 0), min(c + r + 1, n)) for c, r, n in zip(centre, reach, hosts.shape))
-        mm = np.meshgrid(*[(np.arange(b.start, b.stop) - c) * s for b, c, s in zip(box, centre, self.spacing)], indexing="ij")
+        mm = np.meshgrid(
+            *[(np.arange(b.start, b.stop) - c) * s for b, c, s in zip(box, centre, self.spacing)], indexing="ij"
+        )
         # elastic deformation: displace the ellipsoid's coordinates by a smooth random field (Gaussian-filtered noise)
         shape = mm[0].shape
         sigma = np.maximum(radii.mean() / self.spacing / 2, 0.5)
@@ -391,8 +398,14 @@ class RandLesionSynthesisd(RandomizableTransform, MapTransform):
         label[box] = torch.where(torch.as_tensor(lesion), torch.ones_like(label[box]), label[box])
         hosts[box][in_host & (alpha > 0)] = HOSTS["none"]
         self.implanted.append(
-            {"host": host, "centre": [int(c) for c in centre], "diameter_mm": float(2 * radii.mean()),
-             "hu": value, "host_hu": host_hu, "voxels": int(lesion.sum())}
+            {
+                "host": host,
+                "centre": [int(c) for c in centre],
+                "diameter_mm": float(2 * radii.mean()),
+                "hu": value,
+                "host_hu": host_hu,
+                "voxels": int(lesion.sum()),
+            }
         )
 
     def _lesion_hu(self, host: str, host_hu: float) -> float:

@@ -33,8 +33,11 @@ class Unavailable(RuntimeError):
     status = 503
 
     def __init__(self, message: str, retry_after_s: int | None = None) -> None:
-        super().__init__(message)
+        super().__init__(message, retry_after_s)  # every argument, so pickle and copy rebuild it
         self.retry_after_s = retry_after_s
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 CLIENT_ERRORS = (InvalidRequest, InvalidUpload, Forbidden, Conflict, Unavailable)

@@ -72,8 +72,9 @@ def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike, max_byt
     try:
         with tarfile.open(archive) as tar:
             members = tar.getmembers()
-            _check_members(archive.name, [(m.name, m.isdir(), m.size, not (m.isfile() or m.isdir())) for m in members],
-                           max_bytes)
+            _check_members(
+                archive.name, [(m.name, m.isdir(), m.size, not (m.isfile() or m.isdir())) for m in members], max_bytes
+            )
             for m in members:
                 if m.isfile():
                     _write(dest / _relative(m.name), tar.extractfile(m))

@@ -34,7 +34,11 @@ class GFScreenTrain(BundleTrainTask):
     """
 
     def __init__(
-        self, path: str, conf: dict[str, str], limits: ImageLimits = ImageLimits(), max_epochs_limit: int = 100,
+        self,
+        path: str,
+        conf: dict[str, str],
+        limits: ImageLimits = ImageLimits(),
+        max_epochs_limit: int = 100,
         **kwargs: Any,
     ) -> None:
         super().__init__(path, conf, **kwargs)
