@@ -9,9 +9,9 @@ Run from the bundle folder: ``python -m scripts.screen --input CT.nii.gz --outpu
 from __future__ import annotations
 
 if __name__ == "__main__":  # the command, not an import of this module: before MONAI's first import
-    from .startup import skip_unused_imports
+    from . import startup
 
-    skip_unused_imports()
+    startup.begin()
 
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -236,5 +236,6 @@ def screen(
 
 
 if __name__ == "__main__":
+    startup.end()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     fire.Fire(screen)
