@@ -2,11 +2,11 @@
 
 ``import monai`` imports every MONAI submodule, and each of them imports the optional packages it finds installed:
 MLflow, TensorBoard, pandas, pyplot and torchvision (with TorchDynamo), which the environment has for training and
-MONAI Label, SciPy's signal module (for an ultrasound transform) and requests (for downloads): a third of the command's start-up. Marking
-them absent before MONAI is first imported makes MONAI's ``optional_import`` treat them as not installed, as on a
-lean install; nothing on the screening path calls them. Ignite imports ``torch.distributed.optim`` (FSDP, DTensor
-and SymPy: 0.65 s of CPU time) only to recognise a ZeroRedundancyOptimizer when it saves a checkpoint, which
-screening never does: a stand-in module with a class no object is an instance of takes its place.
+MONAI Label, SciPy's signal module (for an ultrasound transform) and requests (for downloads): a third of the
+command's start-up. Marking them absent before MONAI is first imported makes MONAI's ``optional_import`` treat
+them as not installed, as on a lean install; nothing on the screening path calls them. Ignite imports
+``torch.distributed.optim`` (FSDP, DTensor and SymPy: 0.65 s of CPU time) only to recognise a
+ZeroRedundancyOptimizer when it saves a checkpoint, which screening never does: a stand-in module takes its place.
 
 Start-up also creates some 700,000 objects, and Python's cyclic garbage collector walks all of them in each full
 pass: during the imports (0.8 s of 4.3 s of CPU time, measured on ircadb1_1's command) and at the exit (1.2 s).
