@@ -1,7 +1,8 @@
 """Screen CT scans with the bundle's inference config: one file, a DICOM series folder (or one file of it), a folder
 of scans and DICOM series, a datalist, or (no input) the embedded demo CT (``demo/``). In a batch, a DataLoader
-worker reads the next scan while the current one is screened. Bad scans are reported and skipped. DICOM input gets DICOM output by default: a DICOM-SEG of the lesions and a Secondary Capture of the
-overview, in the source study (see docs/dicom.md).
+worker reads the next scan while the current one is screened. Bad scans are reported and skipped. DICOM input
+gets DICOM output by default: a DICOM-SEG of the lesions and a Secondary Capture of the overview, in the source
+study (see docs/dicom.md).
 
 Run from the bundle folder: ``python -m scripts.screen --input CT.nii.gz --output_dir out``.
 """
