@@ -188,7 +188,10 @@ def test_markdown_lists_every_measurement():
     stages = {"load": 1.0, "glance": 0.1, "focus": 0.4, "postprocess": 0.3, "save": 0.2, "report": 0.5}
     result = {
         "machine": "test machine",
+        "date": "2026-12-03",
+        "load_average": 0.04,
         "command": "python -m scripts.benchmark",
+        "data": {"c1": "abdomen, real"},
         "cli": {
             "c1": {
                 "stages_s": stages,
@@ -211,6 +214,18 @@ def test_markdown_lists_every_measurement():
         "rows": [
             {
                 "case": "c1",
+                "scheme": "w",
+                "model_s": 6.0,
+                "model_warm_s": 5.9,
+                "end_to_end_s": 8.0,
+                "glance_s": 0.0,
+                "windows_focused": 8,
+                "windows_total": 8,
+                "peak_rss_gb": 2.4,
+                "dsc": None,
+            },
+            {
+                "case": "c1",
                 "scheme": "c",
                 "model_s": 1.0,
                 "model_warm_s": 0.9,
@@ -220,12 +235,19 @@ def test_markdown_lists_every_measurement():
                 "windows_total": 50,
                 "peak_rss_gb": 1.4,
                 "dsc": 0.5,
-            }
+            },
         ],
     }
     text = benchmark._markdown(result, 1)
+    assert "Measured on 2026-12-03 on test machine; load average 0.0 at the start" in text
+    assert "Data: c1 (abdomen, real);" in text
+    row = "| c1 | 512 x 512 x 129 | 9.0 | 4.0 | 0.5 | 1.00 | 0.50 | 0.10 | 0.40 | 0.30 | 0.20 | 0.50 | 0.67x | 1.50 |"
+    assert row in text
     assert (
-        "| c1 | 512 x 512 x 129 | 9.0 | 4.0 | 1.00 | 0.50 | 0.10 | 0.40 | 0.30 | 0.20 | 0.50 | 0.67x | 1.50 |" in text
+        "In short: screening c1 (512 x 512 x 129) with the command takes **9.0 s** of wall time from start to exit, "
+        "4.0 s of it from reading the scan to the report written, 0.5 s of that in the model (glance + focus); the "
+        "wholeBody_ct_segmentation network takes 6.0 s on the same scan; a batch of real scans runs at 120 scans per "
+        "hour." in text
     )
     assert "**120 scans per hour**" in text and "12.0 s, then 5.0 s" in text
     assert "| c1 | (c) GF-Screen default | 1.00 | 0.90 |" in text

@@ -457,7 +457,10 @@ def benchmark(
     todo += _phantom_cases(phantoms, work)
     result: dict = {
         "machine": machine_description(),
+        "date": time.strftime("%Y-%m-%d"),
+        "load_average": os.getloadavg()[0],  # at the start: about 0 on a quiet machine
         "command": " ".join(["python -m scripts.benchmark", *sys.argv[1:]]),
+        "data": {c: f"{Path(p).parent.name}, real" if c in found else "synthetic phantom" for c, p, _ in todo},
         "cli": {},
         "batch": None,
         "monailabel": None,
@@ -513,30 +516,40 @@ def _f(value: float | None, digits: int = 2) -> str:
 
 
 def _markdown(result: dict, repeats: int) -> str:
+    cores = os.cpu_count()
+    data = ", ".join(f"{case} ({region})" for case, region in result["data"].items())
     lines = [
         "# Screening benchmark",
         "",
-        f"Machine: {result['machine']}. Weights: `bundle/models/model.pt`. Command: `{result['command']}` (from "
-        "`bundle/`). Wall-clock seconds; one run each unless stated.",
+        f"Measured on {result['date']} on {result['machine']}; load average {result['load_average']:.1f} at the "
+        f"start ({cores} cores; about 0 means nothing else was running). Weights: `bundle/models/model.pt`. Data: "
+        f"{data}; the real CTs are from `../shared/data/realct` (public sets, not in this repository), the "
+        "phantoms 256 x 256 x 96 at 1 x 1 x 2.5 mm. Written by `cd bundle && ../.venv/bin/python -m "
+        f"scripts.benchmark` (`make bench`; this run: `{result['command']}`), with every number in "
+        "`benchmarks.json` beside it. Wall-clock seconds, one run each unless stated.",
+        *_summary(result),
         "",
         "## The screening command, one scan per process",
         "",
-        "`python -m scripts.screen --input CT`: wall time of the process (start-up, reading the config and weights "
-        "included); in engine = the report's total, from reading the scan to the report written; stages from the "
-        "scan's report; decompress = only reading and gunzipping the file (the floor of the load stage); after "
-        "model = postprocess + save + report, as a multiple of load + glance + focus.",
+        "`python -m scripts.screen --input CT --output_dir DIR`, as users run it: command = wall time of the process "
+        "from start to exit (imports, reading the config and weights included); in engine = the report's total, "
+        "from reading the scan to the report written; model = glance + focus; stages from the scan's report: "
+        "load (reading and resampling to the model grid), postprocess (to the input grid, size filter, confidence "
+        "gate), save (the mask NIfTI), report (JSON and overview PNG); decompress = only reading and gunzipping "
+        "the file with Python's gzip (the floor of the load stage); after model = postprocess + save + report, as "
+        "a multiple of load + glance + focus; peak RSS of the process.",
         "",
-        "| case | shape | command s | in engine s | load s | decompress s | glance s | focus s | postprocess s "
-        "| save s | report s | after model / (load + model) | peak RSS GB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | shape | command s | in engine s | model s | load s | decompress s | glance s | focus s "
+        "| postprocess s | save s | report s | after model / (load + model) | peak RSS GB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case, c in result["cli"].items():
         s = c["stages_s"]
         lines.append(
             f"| {case} | {' x '.join(map(str, c['shape']))} | {c['wall_s']:.1f} | {c['in_engine_s']:.1f} | "
-            f"{s['load']:.2f} | {c['decompress_s']:.2f} | {s['glance']:.2f} | {s['focus']:.2f} | "
-            f"{s['postprocess']:.2f} | {s['save']:.2f} | {s['report']:.2f} | {after_model_ratio(s):.2f}x | "
-            f"{c['peak_rss_gb']:.2f} |"
+            f"{s['glance'] + s['focus']:.1f} | {s['load']:.2f} | {c['decompress_s']:.2f} | {s['glance']:.2f} | "
+            f"{s['focus']:.2f} | {s['postprocess']:.2f} | {s['save']:.2f} | {s['report']:.2f} | "
+            f"{after_model_ratio(s):.2f}x | {c['peak_rss_gb']:.2f} |"
         )
     batch = result.get("batch")
     if batch:
@@ -587,6 +600,26 @@ def _markdown(result: dict, repeats: int) -> str:
                 f"| {r['peak_rss_gb']:.2f} | {_f(r['dsc'], 3)} |"
             )
     return "\n".join(lines + _targets(result)) + "\n"
+
+
+def _summary(result: dict, case: str = "ircadb1_1") -> list[str]:
+    """One paragraph of the numbers to quote for ``case`` (else the first case measured): the command's wall time
+    beside its in-engine and model time, the wholeBody reference's model time, batch throughput."""
+    case = case if case in result["cli"] else next(iter(result["cli"]), case)
+    c, by = result["cli"].get(case), {r["scheme"]: r for r in result["rows"] if r["case"] == case}
+    parts = []
+    if c:
+        s = c["stages_s"]
+        parts.append(
+            f"screening {case} ({' x '.join(map(str, c['shape']))}) with the command takes **{c['wall_s']:.1f} s** "
+            f"of wall time from start to exit, {c['in_engine_s']:.1f} s of it from reading the scan to the report "
+            f"written, {s['glance'] + s['focus']:.1f} s of that in the model (glance + focus)"
+        )
+    if "w" in by:
+        parts.append(f"the wholeBody_ct_segmentation network takes {by['w']['model_s']:.1f} s on the same scan")
+    if result.get("batch"):
+        parts.append(f"a batch of real scans runs at {result['batch']['scans_per_hour']:.0f} scans per hour")
+    return ["", "In short: " + "; ".join(parts) + "."] if parts else []
 
 
 def _ratio(reference: dict | None, row: dict) -> str:

@@ -1,7 +1,8 @@
 """Screen CT scans with the bundle's inference config: one file, a DICOM series folder (or one file of it), a folder
-of scans and DICOM series, a datalist, or (no input) the embedded demo CT (``demo/``). Bad scans are reported
-and skipped. DICOM input gets DICOM output by default: a DICOM-SEG of the lesions and a Secondary Capture of the
-overview, in the source study (see docs/dicom.md).
+of scans and DICOM series, a datalist, or (no input) the embedded demo CT (``demo/``). In a batch, a DataLoader
+worker reads the next scan while the current one is screened. Bad scans are reported and skipped. DICOM input
+gets DICOM output by default: a DICOM-SEG of the lesions and a Secondary Capture of the overview, in the source
+study (see docs/dicom.md).
 
 Run from the bundle folder: ``python -m scripts.screen --input CT.nii.gz --output_dir out``.
 """
@@ -9,9 +10,9 @@ Run from the bundle folder: ``python -m scripts.screen --input CT.nii.gz --outpu
 from __future__ import annotations
 
 if __name__ == "__main__":  # the command, not an import of this module: before MONAI's first import
-    from .startup import skip_unused_imports
+    from . import startup
 
-    skip_unused_imports()
+    startup.begin()
 
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -236,5 +237,6 @@ def screen(
 
 
 if __name__ == "__main__":
+    startup.end()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     fire.Fire(screen)
