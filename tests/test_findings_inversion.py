@@ -79,6 +79,20 @@ def case(tmp_path_factory):
     nib.save(nib.Nifti1Image(data, affine), str(path))
     parser = ConfigParser()
     parser.read_config(str(BUNDLE_ROOT / "configs" / "inference.json"))
+    # MONAI's Invertd (the reference) needs the transforms' applied_operations, which the one-pass
+    # OrientedSpacingd does not record: use the two transforms it equals (tests/test_loading.py)
+    steps = parser["preprocessing"]["transforms"]
+    i = next(i for i, t in enumerate(steps) if t["_target_"].endswith("OrientedSpacingd"))
+    steps[i : i + 1] = [
+        {"_target_": "Orientationd", "keys": steps[i]["keys"], "axcodes": "RAS"},
+        {
+            "_target_": "Spacingd",
+            "keys": steps[i]["keys"],
+            "pixdim": "@pixdim",
+            "mode": "bilinear",
+            "padding_mode": "border",
+        },
+    ]
     preprocessing = parser.get_parsed_content("preprocessing")
     item = preprocessing({"image": str(path)})
     shape = item["image"].shape[1:]
