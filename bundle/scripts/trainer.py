@@ -199,8 +199,9 @@ class BestModelSaver(CheckpointSaver):
 
     def state_dict(self) -> dict:
         """The best key-metric scores saved so far and their files: ``{"saved": [(score, filename), ...]}``."""
-        saved = self._key_metric_checkpoint.state_dict()["saved"]
-        return {"saved": [(float(score), name) for score, name in saved]}  # plain floats: torch.load(weights_only)
+        state = self._key_metric_checkpoint.state_dict()
+        key = "_saved" if "_saved" in state else "saved"  # ignite 0.5 renamed ignite 0.4's "saved"
+        return {key: [(float(score), name) for score, name in state[key]]}  # plain floats: torch.load(weights_only)
 
 
 def resume_latest(trainer: GRPOTrainer, saver: CheckpointSaver) -> str | None:
