@@ -34,6 +34,8 @@ def test_advantage_std_floor_and_clamp():
     r[0, 0] = 1
     assert grpo.group_advantage(r, clamp=5.0)[0, 0].item() == pytest.approx(5.0)
     assert grpo.group_advantage(r)[0, 0].item() == pytest.approx(5.0)  # the default clamp
+    # one failure among 100: -9.95 is clamped to -5
+    assert grpo.group_advantage(1 - r, clamp=5.0)[0, 0].item() == pytest.approx(-5.0)
 
 
 @pytest.mark.parametrize(

@@ -245,7 +245,7 @@ def test_batch_not_divisible_by_group_size():
     trainer = _trainer(_net(), [_batch(n_windows=6)])
     with pytest.raises(ValueError, match=r"6 windows is not a whole number of groups of 4: set the crop transform's "):
         trainer.run()
-    with pytest.raises(ValueError, match="Must provide batch data"):
+    with pytest.raises(ValueError, match=r"^Must provide batch data for current iteration\.$"):
         trainer._iteration(trainer, None)
 
 
