@@ -249,22 +249,26 @@ def test_glance_window_metric_single_dict_output_and_name():
         GlanceWindowMetric().update([{"pred": None}])
 
 
+# (p(keep), window holds a lesion) for three lesion windows and five lesion-free ones
+WINDOW_SCORES = [
+    [0.9, True],
+    [0.8, True],
+    [0.3, True],
+    [0.1, False],
+    [0.2, False],
+    [0.4, False],
+    [0.5, False],
+    [0.7, False],
+]
+
+
 def test_glance_operating_point_by_hand():
     from scripts.metrics import glance_operating_point
 
     # lesion windows p = .9 .8 .3; lesion-free p = .1 .2 .4 .5 .7. Discarding >= 60 % of the lesion-free windows
     # needs a threshold above .4; at .5 the lesion windows .9 and .8 are kept: sensitivity 2/3.
     # AUC: of the 15 (lesion, free) pairs, the lesion window scores higher in 12 -> 0.8.
-    scores = [
-        [0.9, True],
-        [0.8, True],
-        [0.3, True],
-        [0.1, False],
-        [0.2, False],
-        [0.4, False],
-        [0.5, False],
-        [0.7, False],
-    ]
+    scores = WINDOW_SCORES
     out = glance_operating_point(scores)
     assert out == pytest.approx({"auc": 0.8, "threshold": 0.5, "sensitivity": 2 / 3})
     assert math.isnan(glance_operating_point([[0.5, True]])["auc"])
@@ -273,16 +277,7 @@ def test_glance_operating_point_by_hand():
 def test_screening_threshold_by_hand():
     from scripts.metrics import screening_threshold
 
-    scores = [
-        [0.9, True],
-        [0.8, True],
-        [0.3, True],
-        [0.1, False],
-        [0.2, False],
-        [0.4, False],
-        [0.5, False],
-        [0.7, False],
-    ]
+    scores = WINDOW_SCORES
     # 95 % of 3 lesion windows needs all 3: threshold .3 keeps .3 .4 .5 .7 and discards .1 .2 (2/5); keeps 6/8
     assert screening_threshold(scores, 0.95) == pytest.approx(
         {"threshold": 0.3, "sensitivity": 1.0, "specificity": 0.4, "kept_fraction": 0.75}

@@ -162,33 +162,23 @@ def test_metadata_matches_configs(config):
 def test_verify_net_in_out(config):
     """MONAI's model-zoo CI check (channels and dtype from metadata.json) on the Focus output, and the same check
     on the Glance head (2 logits: discard, keep)."""
-    verify_net_in_out(
+    check = dict(
         net_id="network_def",
         meta_file=META,
         config_file=str(CONFIGS / config),
         device="cpu",
         bundle_root=str(BUNDLE_ROOT),
     )
+    verify_net_in_out(**check)
     # the Glance as inference runs it: on a bare window (training feeds it crops with context instead)
     verify_net_in_out(
-        net_id="network_def",
-        meta_file=META,
-        config_file=str(CONFIGS / config),
-        device="cpu",
-        bundle_root=str(BUNDLE_ROOT),
+        **check,
         extra_forward_args={"glance": True},
         **({"glance_context": [0, 0, 0]} if config == "train.json" else {}),
     )
     # a wrong channel count in metadata must be caught (the check is not vacuous)
     with pytest.raises(ValueError, match="output channel number"):
-        verify_net_in_out(
-            net_id="network_def",
-            meta_file=META,
-            config_file=str(CONFIGS / config),
-            device="cpu",
-            bundle_root=str(BUNDLE_ROOT),
-            **{"_meta_#network_data_format#outputs#pred#num_channels": 3},
-        )
+        verify_net_in_out(**check, **{"_meta_#network_data_format#outputs#pred#num_channels": 3})
 
 
 def test_torchscript_in_process():
