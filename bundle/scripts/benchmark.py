@@ -530,8 +530,9 @@ def _markdown(result: dict, repeats: int) -> str:
         "",
         f"Measured on {result['date']} on {result['machine']}; load average {result['load_average']:.1f} at the "
         f"start ({cores} cores; about 0 means nothing else was running). Weights: `bundle/models/model.pt`. Data: "
-        f"{data}; the real CTs are from `../shared/data/realct` (public sets, not in this repository), the "
-        "phantoms 256 x 256 x 96 at 1 x 1 x 2.5 mm. Written by `cd bundle && ../.venv/bin/python -m "
+        f"{data}; the real CTs are from `../shared/data/realct` (public sets, not in this repository)"
+        + (", the phantoms 256 x 256 x 96 at 1 x 1 x 2.5 mm" if "synthetic phantom" in result["data"].values() else "")
+        + ". Written by `cd bundle && ../.venv/bin/python -m "
         f"scripts.benchmark` (`make bench`; this run: `{result['command']}`), with every number in "
         "`benchmarks.json` beside it. Wall-clock seconds, one run each unless stated.",
         *_summary(result),
@@ -543,8 +544,9 @@ def _markdown(result: dict, repeats: int) -> str:
         "from reading the scan to the report written; model = glance + focus; stages from the scan's report: "
         "load (reading and resampling to the model grid), postprocess (to the input grid, size filter, confidence "
         "gate), save (the mask NIfTI), report (JSON and overview PNG); decompress = only reading and gunzipping "
-        "the file with Python's gzip, in a fresh process as the command reads its scan (the floor of the load stage); after model = postprocess + save + report, as "
-        "a multiple of load + glance + focus; peak RSS of the process.",
+        "the file with Python's gzip, in a fresh process as the command reads its scan (the floor of the load "
+        "stage; best of 3); after model = postprocess + save + report, as a multiple of load + glance + focus; "
+        "peak RSS of the process.",
         "",
         "| case | shape | command s | in engine s | model s | load s | decompress s | glance s | focus s "
         "| postprocess s | save s | report s | after model / (load + model) | peak RSS GB |",
