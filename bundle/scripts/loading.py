@@ -11,6 +11,7 @@ interpolations, each on an already smaller volume.
 from __future__ import annotations
 
 import gzip
+import io
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
@@ -31,8 +32,8 @@ AXIS_TOL = 1e-6  # a source-from-output index map entry below this (relative) co
 class NiftiVolumeReader(NibabelReader):
     """``NibabelReader`` that decompresses a ``.nii.gz`` in one call (with ISA-L's igzip where the ``isal``
     package is installed: half of zlib's time) and puts the voxels in C order, the order MONAI's conversions
-    require, by blocks (:func:`c_order`). ``.nii`` files are read by MONAI's reader (memory-mapped); the
-    metadata are MONAI's either way."""
+    require, by blocks (:func:`c_order`), from the decompressed file itself when they are not scaled. ``.nii``
+    files are read by MONAI's reader (memory-mapped); the metadata are MONAI's either way."""
 
     def read(self, data, **kwargs):
         names = ensure_tuple(data)
@@ -48,7 +49,11 @@ class NiftiVolumeReader(NibabelReader):
         return images if len(names) > 1 else images[0]
 
     def _get_array_data(self, img, filename):
-        data = np.asanyarray(img.dataobj)
+        proxy, file = img.dataobj, img.file_map["image"].fileobj
+        if isinstance(file, io.BytesIO) and proxy.slope == 1 and proxy.inter == 0:  # unscaled, decompressed by read
+            data = np.ndarray(proxy.shape, proxy.dtype, file.getbuffer(), proxy.offset, order=proxy.order)  # a view
+        else:
+            data = np.asanyarray(proxy)
         return c_order(data if data.dtype.isnative else data.astype(data.dtype.newbyteorder("=")))
 
 
