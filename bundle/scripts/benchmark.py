@@ -668,7 +668,7 @@ def _targets(result: dict, case: str = "ircadb1_1") -> list[str]:
     if {"c", "w"} <= set(by):
         ratio = by["w"]["model_s"] / by["c"]["model_s"]
         checks.append(
-            ("(c) model time <= 1/3 of (w)'s", f"1/{ratio:.0f}", by["c"]["model_s"] * 3 <= by["w"]["model_s"])
+            ("(c) model time <= 1/3 of (w)'s", f"1/{ratio:.1f}", by["c"]["model_s"] * 3 <= by["w"]["model_s"])
         )
     if {"a", "c", "d"} <= set(by):
         a, c_, d = by["a"], by["c"], by["d"]
