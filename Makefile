@@ -53,7 +53,7 @@ system-deps:
 
 # Screen one CT (CT=path to NIfTI/NRRD/DICOM folder) or, by default, a synthetic phantom, with the shipped weights.
 demo: setup
-	cd bundle && ../$(PY) -m scripts.screen $(if $(CT),--input $(CT),) --output_dir ../$(OUT)
+	cd bundle && ../$(PY) -m scripts.cli.screen $(if $(CT),--input $(CT),) --output_dir ../$(OUT)
 
 test: setup system-deps
 	$(PY) -m pytest -q tests
@@ -65,10 +65,10 @@ test-all: setup system-deps
 # What users wait for (the screening command per scan and stage, batch scans per hour, a MONAI Label round trip)
 # and the model beside MONAI sliding-window inference and the wholeBody_ct_segmentation network: docs/benchmarks.md.
 bench: setup
-	cd bundle && ../$(PY) -m scripts.benchmark --output ../docs/benchmarks.md
+	cd bundle && ../$(PY) -m scripts.cli.benchmark --output ../docs/benchmarks.md
 
 pack: setup
-	cd bundle && ../$(PY) -m scripts.pack --output ../dist
+	cd bundle && ../$(PY) -m scripts.cli.pack --output ../dist
 
 clean:
 	rm -rf $(VENV) output dist

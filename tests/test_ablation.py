@@ -2,7 +2,7 @@
 
 import pytest
 
-from scripts.ablation import _write_report, ablation
+from scripts.cli.ablation import _write_report, ablation
 from scripts.metrics import evaluate_case, summarise_cases
 from test_metrics import _window, cube
 

@@ -1,4 +1,4 @@
-"""The benchmark (scripts.benchmark) on a small phantom: what each scheme focuses and what its clocks include, the
+"""The benchmark (scripts.cli.benchmark) on a small phantom: what each scheme focuses and what its clocks include, the
 wholeBody reference, the screening command and batch as users run them, and the target table's verdicts."""
 
 import json
@@ -190,7 +190,7 @@ def test_markdown_lists_every_measurement():
         "machine": "test machine",
         "date": "2026-12-03",
         "load_average": 0.04,
-        "command": "python -m scripts.benchmark",
+        "command": "python -m scripts.cli.benchmark",
         "data": {"c1": "abdomen, real"},
         "cli": {
             "c1": {

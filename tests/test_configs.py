@@ -4,7 +4,9 @@ it names."""
 
 from __future__ import annotations
 
+import importlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -153,3 +155,22 @@ def test_paper_override_composes_with_each_base(base):
     assert tuple(inferer.roi_size) == (96, 96, 64) and inferer.threshold == 0.9
     if base == "train.json":
         assert parser.get_parsed_content("train#trainer#alpha") == 0.1
+
+
+def test_configs_reference_the_library_and_command_line_tools_stay_apart():
+    """What configs reference lives in ``scripts`` (and imports); ``scripts.cli`` holds only tools people run, each
+    one runnable, and no library module imports them."""
+    scripts = CONFIGS.parent / "scripts"
+    referenced = {
+        m.group(1)
+        for config in CONFIGS.glob("*.json")
+        for m in re.finditer(r"scripts\.([a-z_]+)", config.read_text())
+    }
+    assert len(referenced) >= 8 and {n for n in referenced if not (scripts / f"{n}.py").is_file()} == set()
+    for name in referenced:
+        importlib.import_module(f"scripts.{name}")
+    library = [p for p in scripts.glob("*.py") if p.name != "__init__.py"]
+    assert [p.name for p in library if re.search(r"from \.cli\b|scripts\.cli\b", p.read_text())] == []
+    tools = [p for p in (scripts / "cli").glob("*.py") if p.stem not in ("__init__", "startup")]
+    assert len(tools) >= 7 and all('if __name__ == "__main__":' in p.read_text() for p in tools)
+    assert {p.stem for p in tools}.isdisjoint(p.stem for p in library)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from scripts.screen import DEMO_INPUT, find_cases, screen
+from scripts.cli.screen import DEMO_INPUT, find_cases, screen
 
 SOURCE_MASK = Path(__file__).resolve().parents[2] / "shared" / "data" / "realct" / "extremity" / "sts_012_lesion.nii.gz"
 

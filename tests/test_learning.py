@@ -21,7 +21,7 @@ from scipy import ndimage
 from scripts.metrics import glance_operating_point, lesion_detection
 from scripts.networks import GlanceFocusNet, GlanceNet
 from scripts.phantom import REGIONS, make_phantom
-from scripts.screen import DEMO_INPUT, screen
+from scripts.cli.screen import DEMO_INPUT, screen
 from scripts.trainer import GRPOTrainer
 
 pytestmark = pytest.mark.slow

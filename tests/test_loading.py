@@ -1,6 +1,6 @@
 """Reading a CT onto the model's grid (scripts.loading): MONAI's voxels and metadata from a faster reader, MONAI's
 grid and values from one separable resampling. Its speed (load beside decompress-only, on real CT) is measured
-by ``scripts.benchmark`` and recorded in docs/benchmarks.md, not asserted here."""
+by ``scripts.cli.benchmark`` and recorded in docs/benchmarks.md, not asserted here."""
 
 from __future__ import annotations
 

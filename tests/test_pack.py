@@ -9,7 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from scripts.pack import pack
+from scripts.cli.pack import pack
 from scripts.phantom import make_phantom
 
 

@@ -8,7 +8,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import RemoveSmallObjectsd
 
-from scripts.sweep import _score, row
+from scripts.cli.sweep import _score, row
 from scripts.transforms import LesionConfidenceFilterd
 
 

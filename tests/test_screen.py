@@ -1,4 +1,4 @@
-"""The screening main job (scripts.screen): output geometry equals input geometry for non-RAS, anisotropic NIfTI
+"""The screening main job (scripts.cli.screen): output geometry equals input geometry for non-RAS, anisotropic NIfTI
 and DICOM series; DICOM series get a DICOM-SEG equal to the NIfTI mask and a Secondary Capture, which Orthanc
 takes; reports are consistent; a bad file or series is reported and skipped, and the exit status says so."""
 
@@ -22,12 +22,12 @@ from monai.bundle import ConfigParser
 from monai.inferers import sliding_window_inference
 from scipy import ndimage
 
-import scripts.screen as screen_module
+import scripts.cli.screen as screen_module
 from dicom_utils import axial_affine, write_series
 from monailabel_utils import orthanc
 from scripts.dicom_output import LPS_FROM_RAS
 from scripts.phantom import make_phantom
-from scripts.screen import find_cases, screen
+from scripts.cli.screen import find_cases, screen
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1] / "bundle"
 REAL_DICOM = Path(__file__).resolve().parents[2] / "shared" / "data" / "realct" / "dicom" / "totalseg_example_ct_dicom"
@@ -307,7 +307,7 @@ def test_dicom_batch_with_a_broken_series(tmp_path, weights_bundle):
     out, tmp = tmp_path / "out", tmp_path / "tmp"
     tmp.mkdir()
     proc = subprocess.run(
-        [sys.executable, "-m", "scripts.screen", "--input", str(batch), "--output_dir", str(out), "--device", "cpu",
+        [sys.executable, "-m", "scripts.cli.screen", "--input", str(batch), "--output_dir", str(out), "--device", "cpu",
          "--threshold", "0", "--min_lesion_peak", "0.5"],
         cwd=weights_bundle, capture_output=True, text=True, timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "2", "TMPDIR": str(tmp)},
@@ -395,7 +395,7 @@ def test_bad_file_is_reported_and_batch_continues(tmp_path, weights_bundle):
     (folder / "b_corrupt.nii.gz").write_bytes(b"\x1f\x8b not really gzip" * 50)
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "scripts.screen", "--input", str(folder), "--output_dir", str(out), "--device", "cpu"],
+        [sys.executable, "-m", "scripts.cli.screen", "--input", str(folder), "--output_dir", str(out), "--device", "cpu"],
         cwd=weights_bundle,
         capture_output=True,
         text=True,

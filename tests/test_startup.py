@@ -1,6 +1,6 @@
 """The screening command starts without MLflow, TensorBoard, pandas, pyplot, torchvision, MONAI Label, SciPy's
 signal module or torch.distributed.optim, with start-up's objects out of the garbage collector's passes
-(scripts.startup, called by scripts.screen when it runs as the command), and screens a scan all the same."""
+(scripts.cli.startup, called by scripts.cli.screen when it runs as the command), and screens a scan all the same."""
 
 from __future__ import annotations
 
@@ -15,22 +15,22 @@ import pytest
 import torch
 
 from scripts.phantom import make_phantom
-from scripts.startup import UNUSED_BY_SCREENING, skip_unused_imports, stand_in_for_distributed_optim
+from scripts.cli.startup import UNUSED_BY_SCREENING, skip_unused_imports, stand_in_for_distributed_optim
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1] / "bundle"
 
 
 # What start-up skips: the unused packages, and SymPy (imported with the real torch.distributed.optim).
 HEAVY = (*UNUSED_BY_SCREENING, "sympy")
-# Runs the command (``python -m scripts.screen ...``: runpy as __main__), or only imports the module, then prints
+# Runs the command (``python -m scripts.cli.screen ...``: runpy as __main__), or only imports the module, then prints
 # which of HEAVY are loaded, and whether the garbage collector is on with start-up's objects frozen.
 PROBE = """
 import gc, json, runpy, sys
 if sys.argv[1] == "command":
     sys.argv = ["screen", *sys.argv[2:]]
-    runpy.run_module("scripts.screen", run_name="__main__")
+    runpy.run_module("scripts.cli.screen", run_name="__main__")
 else:
-    import scripts.screen
+    import scripts.cli.screen
 loaded = sorted(m for m in {modules!r} if sys.modules.get(m) is not None)
 print("LOADED", json.dumps([loaded, gc.isenabled(), gc.get_freeze_count() > 100000]))
 """

@@ -1,4 +1,4 @@
-"""Labels stored as DICOM-SEG by the bundle's own writer (``scripts.dicom_output``), as ``scripts.screen`` stores its
+"""Labels stored as DICOM-SEG by the bundle's own writer (``scripts.dicom_output``), as ``scripts.cli.screen`` stores its
 results: one segment named after the bundle's label 1 ("lesion"), in the CT's study and frame of reference,
 referencing its series and slices.
 

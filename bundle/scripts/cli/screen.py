@@ -4,7 +4,7 @@ worker reads the next scan while the current one is screened. Bad scans are repo
 gets DICOM output by default: a DICOM-SEG of the lesions and a Secondary Capture of the overview, in the source
 study (see docs/dicom.md).
 
-Run from the bundle folder: ``python -m scripts.screen --input CT.nii.gz --output_dir out``.
+Run from the bundle folder: ``python -m scripts.cli.screen --input CT.nii.gz --output_dir out``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from monai.utils import convert_to_numpy  # noqa: E402
 from pydicom.misc import is_dicom  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from .dicom_output import (  # noqa: E402
+from ..dicom_output import (  # noqa: E402
     DicomSeries,
     ResultInfo,
     overview_picture,
@@ -38,13 +38,13 @@ from .dicom_output import (  # noqa: E402
     write_secondary_capture,
     write_seg,
 )
-from .handlers import _case_id  # noqa: E402
-from .prefetch import prefetched_cases, root_cause  # noqa: E402
-from .report import save_report  # noqa: E402
+from ..handlers import _case_id  # noqa: E402
+from ..prefetch import prefetched_cases, root_cause  # noqa: E402
+from ..report import save_report  # noqa: E402
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 OUTPUT_FORMATS = ("nifti", "dicom", "both")
-BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 #: The default input: a small real CT with a lesion the shipped weights find (source and licence beside it).
 DEMO_INPUT = BUNDLE_ROOT / "demo" / "sts_012_ct.nii.gz"
 logger = logging.getLogger(__name__)

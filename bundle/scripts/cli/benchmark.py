@@ -1,6 +1,6 @@
 """What users wait for, and what the model costs, measured in one run on the same scans:
 
-1. the screening command as users run it (``python -m scripts.screen --input CT``), one scan per process: wall
+1. the screening command as users run it (``python -m scripts.cli.screen --input CT``), one scan per process: wall
    time, peak RSS and each stage from the scan's report (load, glance, focus, postprocess, save, report), with
    the time it takes only to decompress the file beside the load;
 2. batch screening of a folder of real scans in one command: scans per hour;
@@ -12,7 +12,7 @@
    bundle ``wholeBody_ct_segmentation`` at 3 mm (SegResNet, 105 classes, random weights) through MONAI's
    ``sliding_window_inference`` as that bundle's config runs it: what a standard MONAI CT bundle costs.
 
-Run from the bundle folder: ``python -m scripts.benchmark --output ../docs/benchmarks.md``. The Markdown (and a
+Run from the bundle folder: ``python -m scripts.cli.benchmark --output ../docs/benchmarks.md``. The Markdown (and a
 JSON twin) is rewritten after every measurement, so a cut-short run keeps what it measured.
 """
 
@@ -53,12 +53,12 @@ from monai.transforms import (
 )
 from torch import nn
 
-from .inferer import GlanceFocusInferer
-from .metrics import flare_dsc
-from .networks import GlanceFocusNet, pool_logits
-from .phantom import make_phantom
+from ..inferer import GlanceFocusInferer
+from ..metrics import flare_dsc
+from ..networks import GlanceFocusNet, pool_logits
+from ..phantom import make_phantom
 
-BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 REALCT = BUNDLE_ROOT.parents[1] / "shared" / "data" / "realct"
 SCHEMES = {
     "a": "(a) sliding window, all windows, overlap 0.5",
@@ -276,11 +276,11 @@ def decompress_s(path: str, repeats: int = 3) -> float:
 
 
 def screen_cli(image: str, work: Path) -> dict:
-    """One ``python -m scripts.screen --input image`` in a fresh process: its wall time and peak RSS, each stage
+    """One ``python -m scripts.cli.screen --input image`` in a fresh process: its wall time and peak RSS, each stage
     of its report, the in-engine total (reading to report written) and the time to only decompress the file."""
     out = Path(tempfile.mkdtemp(prefix="cli_", dir=work))
     code, wall, rss, err = _run_child(
-        [sys.executable, "-m", "scripts.screen", "--input", image, "--output_dir", str(out)], BUNDLE_ROOT
+        [sys.executable, "-m", "scripts.cli.screen", "--input", image, "--output_dir", str(out)], BUNDLE_ROOT
     )
     reports = sorted(out.glob("*_report.json"))
     if code or not reports:
@@ -301,13 +301,13 @@ def screen_cli(image: str, work: Path) -> dict:
 
 
 def batch_cli(images: Sequence[str], work: Path) -> dict:
-    """One ``python -m scripts.screen --input FOLDER`` over ``images`` (linked into one folder): scans per hour."""
+    """One ``python -m scripts.cli.screen --input FOLDER`` over ``images`` (linked into one folder): scans per hour."""
     folder = Path(tempfile.mkdtemp(prefix="batch_in_", dir=work))
     for i, image in enumerate(images):
         (folder / f"{i:03d}_{Path(image).name}").symlink_to(Path(image).resolve())
     out = Path(tempfile.mkdtemp(prefix="batch_out_", dir=work))
     code, wall, rss, err = _run_child(
-        [sys.executable, "-m", "scripts.screen", "--input", str(folder), "--output_dir", str(out)], BUNDLE_ROOT
+        [sys.executable, "-m", "scripts.cli.screen", "--input", str(folder), "--output_dir", str(out)], BUNDLE_ROOT
     )
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
     screened = summary.get("screened", 0)
@@ -430,7 +430,7 @@ def _scheme(image: str, label: str, scheme: str, work: Path, repeats: int) -> di
     runs = []
     for _ in range(repeats):
         out = work / f"scheme_{scheme}.json"
-        code = "import sys; from scripts.benchmark import run_one; run_one(*sys.argv[1:])"
+        code = "import sys; from scripts.cli.benchmark import run_one; run_one(*sys.argv[1:])"
         done = subprocess.run(
             [sys.executable, "-c", code, image, label, scheme, str(out)],
             cwd=BUNDLE_ROOT,
@@ -466,7 +466,7 @@ def benchmark(
         "machine": machine_description(),
         "date": time.strftime("%Y-%m-%d"),
         "load_average": os.getloadavg()[0],  # at the start: about 0 on a quiet machine
-        "command": " ".join(["python -m scripts.benchmark", *sys.argv[1:]]),
+        "command": " ".join(["python -m scripts.cli.benchmark", *sys.argv[1:]]),
         "data": {c: f"{Path(p).parent.name}, real" if c in found else "synthetic phantom" for c, p, _ in todo},
         "cli": {},
         "batch": None,
@@ -533,13 +533,13 @@ def _markdown(result: dict, repeats: int) -> str:
         f"{data}; the real CTs are from `../shared/data/realct` (public sets, not in this repository)"
         + (", the phantoms 256 x 256 x 96 at 1 x 1 x 2.5 mm" if "synthetic phantom" in result["data"].values() else "")
         + ". Written by `cd bundle && ../.venv/bin/python -m "
-        f"scripts.benchmark` (`make bench`; this run: `{result['command']}`), with every number in "
+        f"scripts.cli.benchmark` (`make bench`; this run: `{result['command']}`), with every number in "
         "`benchmarks.json` beside it. Wall-clock seconds, one run each unless stated.",
         *_summary(result),
         "",
         "## The screening command, one scan per process",
         "",
-        "`python -m scripts.screen --input CT --output_dir DIR`, as users run it: command = wall time of the process "
+        "`python -m scripts.cli.screen --input CT --output_dir DIR`, as users run it: command = wall time of the process "
         "from start to exit (imports, reading the config and weights included); in engine = the report's total, "
         "from reading the scan to the report written; model = glance + focus; stages from the scan's report: "
         "load (reading and resampling to the model grid), postprocess (to the input grid, size filter, confidence "
@@ -566,7 +566,7 @@ def _markdown(result: dict, repeats: int) -> str:
             "",
             "## Batch screening",
             "",
-            f"`python -m scripts.screen --input FOLDER` over {batch['scans']} real scans ({batch['failed']} "
+            f"`python -m scripts.cli.screen --input FOLDER` over {batch['scans']} real scans ({batch['failed']} "
             f"failed): {batch['wall_s']:.0f} s, **{batch['scans_per_hour']:.0f} scans per hour**, peak RSS "
             f"{batch['peak_rss_gb']:.2f} GB. Summed stages: "
             + ", ".join(f"{k} {v:.1f} s" for k, v in batch["stage_sums_s"].items())

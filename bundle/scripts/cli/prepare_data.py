@@ -2,7 +2,7 @@
 
 The CTs are resampled once to the bundle's grid (RAS, ``pixdim``) and cropped to the body, so the training
 folder is small enough to copy to a GPU machine; nothing here is ever committed (the licences forbid it).
-Run from the bundle folder: ``python -m scripts.prepare_data --out_dir ../output/realct_train``.
+Run from the bundle folder: ``python -m scripts.cli.prepare_data --out_dir ../output/realct_train``.
 
 Split (fixed, documented in docs/README.md): validation = ircadb1_1 (abdomen, 7 liver tumours),
 pyradiomics_lung1 (chest, 1.4 mL nodule), sts_012 (extremity sarcoma) and held-out phantoms, the cases 0.4.0 was
@@ -24,9 +24,9 @@ import numpy as np
 from monai.transforms import Compose, CropForegroundd, LoadImaged, Orientationd, Spacingd
 from tqdm import tqdm
 
-from .phantom import write_phantom_dataset
+from ..phantom import write_phantom_dataset
 
-REALCT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "realct"
+REALCT = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "realct"
 VALIDATION = ("ircadb1_1", "pyradiomics_lung1", "sts_012")
 EXCLUDED = ("totalseg_example", "crlm_1004")
 

@@ -4,7 +4,7 @@ scans are loaded once).
 
 Run from the bundle folder, e.g.::
 
-    python -m scripts.sweep --dataset_dir ../output/realct_train --ckpt_dir models \\
+    python -m scripts.cli.sweep --dataset_dir ../output/realct_train --ckpt_dir models \\
         --thresholds "[0, 0.3, 0.5, 0.7]" --min_sizes_mm3 "[50, 200]" --min_peaks "[0.5, 0.8]" --out ../output/sweep.json
 
 Prints one Markdown row per combination (the targets of a screening tool: false-positive components per scan,
@@ -25,9 +25,9 @@ from monai.bundle import ConfigParser
 from monai.transforms import RemoveSmallObjectsd
 from tqdm import tqdm
 
-from .handlers import score_case
-from .metrics import summarise_cases
-from .transforms import LesionConfidenceFilterd
+from ..handlers import score_case
+from ..metrics import summarise_cases
+from ..transforms import LesionConfidenceFilterd
 
 HEADER = (
     "| glance threshold | min lesion mm3 | min peak p | FP comps / scan | recall < 1 mL | recall 1-5 mL | recall >= 5 mL "

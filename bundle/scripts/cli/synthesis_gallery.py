@@ -5,7 +5,7 @@ after, and after with the added label contoured.
 Run from the bundle folder (needs ``../shared/data/realct``, whose cases are never committed; the PNG is a
 derived picture)::
 
-    python -m scripts.synthesis_gallery --out ../docs/images/lesion_synthesis.png
+    python -m scripts.cli.synthesis_gallery --out ../docs/images/lesion_synthesis.png
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .prepare_data import REALCT, _liver_mask, _resampler
-from .transforms import LesionHostsd, RandLesionSynthesisd
+from ..transforms import LesionHostsd, RandLesionSynthesisd
 
 PIXDIM = (1.5, 1.5, 3.0)
 #: (row title, case, host, lesion diameters in mm): the kinds of lesion the transform implants.

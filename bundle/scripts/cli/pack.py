@@ -2,7 +2,7 @@
 
 Unzipped anywhere, it runs with ``python -m monai.bundle run --config_file configs/inference.json`` from its
 folder (``scripts.*`` resolves against the bundle root, as in model-zoo bundles). Run from the bundle folder:
-``python -m scripts.pack --output ../dist``.
+``python -m scripts.cli.pack --output ../dist``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import fire
 
-BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 CONTENT = ("configs", "docs", "models", "scripts", "LICENSE")
 SKIP_SUFFIXES = (".pyc", ".ts")
 

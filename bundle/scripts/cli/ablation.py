@@ -1,7 +1,7 @@
 """Does GRPO teach the Glance? Train the bundle on synthetic phantoms twice, GRPO + balanced CE (the default)
 and balanced CE alone (the paper's ablation), then score both Glances on held-out phantoms.
 
-Run from the bundle folder: ``python -m scripts.ablation --out_dir ../output/ablation --report ../output/ablation/report.md``;
+Run from the bundle folder: ``python -m scripts.cli.ablation --out_dir ../output/ablation --report ../output/ablation/report.md``;
 the report is a new Markdown file (an existing one is never overwritten) to paste into ``docs/grpo_ablation.md``.
 """
 
@@ -16,7 +16,7 @@ import fire
 from monai.bundle import run
 
 from .benchmark import machine_description
-from .phantom import write_phantom_dataset
+from ..phantom import write_phantom_dataset
 
 ARMS = {"GRPO + CE": {}, "CE alone": {"train#trainer#rl_weight": 0.0}}
 
@@ -96,7 +96,7 @@ def _write_report(path: Path, results: dict, num_cases: int, epochs: int, seed: 
     lines = [
         "# GRPO ablation on synthetic phantoms",
         "",
-        f"Command (from `bundle/`): `python -m scripts.ablation --num_cases {num_cases} --epochs {epochs} --seed {seed} "
+        f"Command (from `bundle/`): `python -m scripts.cli.ablation --num_cases {num_cases} --epochs {epochs} --seed {seed} "
         f"--report {path}" + (f" --overrides '{json.dumps(overrides)}'" if overrides else "") + "`.",
         f"Data: {num_cases} phantoms from `scripts/phantom.py` (seed {seed}; 70 % training, 30 % validation, a quarter "
         "lesion-free). Both arms use `configs/train.json` unchanged except `rl_weight` (0 for CE alone), "

@@ -47,7 +47,7 @@ def stand_in_for_distributed_optim() -> bool:
     """Put the stand-in for ``torch.distributed.optim`` in place, unless it is imported; returns whether it did."""
     if "torch.distributed.optim" in sys.modules:
         return False
-    stand_in = ModuleType("torch.distributed.optim", "Stand-in of the screening command (scripts.startup).")
+    stand_in = ModuleType("torch.distributed.optim", "Stand-in of the screening command (scripts.cli.startup).")
     stand_in.ZeroRedundancyOptimizer = type("ZeroRedundancyOptimizer", (), {})  # type: ignore[attr-defined]
     sys.modules[stand_in.__name__] = stand_in
     return True
