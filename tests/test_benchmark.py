@@ -9,7 +9,7 @@ import pytest
 from monai.bundle import ConfigParser
 from monai.data.utils import dense_patch_slices
 
-from scripts import benchmark
+from scripts.cli import benchmark
 from scripts.phantom import make_phantom
 
 KEYS = {
