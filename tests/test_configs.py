@@ -162,9 +162,7 @@ def test_configs_reference_the_library_and_command_line_tools_stay_apart():
     one runnable, and no library module imports them."""
     scripts = CONFIGS.parent / "scripts"
     referenced = {
-        m.group(1)
-        for config in CONFIGS.glob("*.json")
-        for m in re.finditer(r"scripts\.([a-z_]+)", config.read_text())
+        m.group(1) for config in CONFIGS.glob("*.json") for m in re.finditer(r"scripts\.([a-z_]+)", config.read_text())
     }
     assert len(referenced) >= 8 and {n for n in referenced if not (scripts / f"{n}.py").is_file()} == set()
     for name in referenced:

@@ -18,10 +18,10 @@ from monai.networks.nets import UNet
 from monai.utils import set_determinism
 from scipy import ndimage
 
+from scripts.cli.screen import DEMO_INPUT, screen
 from scripts.metrics import glance_operating_point, lesion_detection
 from scripts.networks import GlanceFocusNet, GlanceNet
 from scripts.phantom import REGIONS, make_phantom
-from scripts.cli.screen import DEMO_INPUT, screen
 from scripts.trainer import GRPOTrainer
 
 pytestmark = pytest.mark.slow

@@ -25,9 +25,9 @@ from scipy import ndimage
 import scripts.cli.screen as screen_module
 from dicom_utils import axial_affine, write_series
 from monailabel_utils import orthanc
+from scripts.cli.screen import find_cases, screen
 from scripts.dicom_output import LPS_FROM_RAS
 from scripts.phantom import make_phantom
-from scripts.cli.screen import find_cases, screen
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1] / "bundle"
 REAL_DICOM = Path(__file__).resolve().parents[2] / "shared" / "data" / "realct" / "dicom" / "totalseg_example_ct_dicom"
@@ -395,7 +395,17 @@ def test_bad_file_is_reported_and_batch_continues(tmp_path, weights_bundle):
     (folder / "b_corrupt.nii.gz").write_bytes(b"\x1f\x8b not really gzip" * 50)
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "scripts.cli.screen", "--input", str(folder), "--output_dir", str(out), "--device", "cpu"],
+        [
+            sys.executable,
+            "-m",
+            "scripts.cli.screen",
+            "--input",
+            str(folder),
+            "--output_dir",
+            str(out),
+            "--device",
+            "cpu",
+        ],
         cwd=weights_bundle,
         capture_output=True,
         text=True,

@@ -14,8 +14,8 @@ import nibabel as nib
 import pytest
 import torch
 
-from scripts.phantom import make_phantom
 from scripts.cli.startup import UNUSED_BY_SCREENING, skip_unused_imports, stand_in_for_distributed_optim
+from scripts.phantom import make_phantom
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1] / "bundle"
 

@@ -2,6 +2,8 @@
 # Mutation testing of GF-Screen's core modules with mutmut; see docs/mutation_testing.md. Not run in CI (slow).
 # Usage, from anywhere, with mutmut installed next to the project's Python (PY, default .venv/bin/python):
 #   tools/mutation_test.sh [grpo] [trainer] [inferer] [metrics] [transforms] [validation]   (default: all six)
+# MUTANTS (space-separated fnmatch patterns of mutant names) runs only those, e.g. after changing one function:
+#   MUTANTS='scripts.trainer.xǁGRPOTrainerǁ_iteration__mutmut_*' tools/mutation_test.sh trainer
 # mutmut names each mutant by its file's path, while the tests import `scripts.*` (from bundle/) and `lib.*` (from
 # monailabel_app/), so the run works on a copy laid out the way the tests import it: output/mutation/.
 set -euo pipefail
@@ -43,5 +45,7 @@ cp tests/conftest.py "${tests[@]}" "$stage/tests/"
 } >"$stage/setup.cfg"
 
 cd "$stage"
-nice -n 19 "$PY" -m mutmut run --max-children "${JOBS:-2}"
+set -f  # MUTANTS holds patterns for mutmut, not for the shell
+# shellcheck disable=SC2086  # a list of patterns
+nice -n 19 "$PY" -m mutmut run --max-children "${JOBS:-2}" ${MUTANTS:-}
 "$PY" -m mutmut results

@@ -15,8 +15,8 @@ from pathlib import Path
 import fire
 from monai.bundle import run
 
-from .benchmark import machine_description
 from ..phantom import write_phantom_dataset
+from .benchmark import machine_description
 
 ARMS = {"GRPO + CE": {}, "CE alone": {"train#trainer#rl_weight": 0.0}}
 

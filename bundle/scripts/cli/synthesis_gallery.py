@@ -16,8 +16,8 @@ import fire
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .prepare_data import REALCT, _liver_mask, _resampler
 from ..transforms import LesionHostsd, RandLesionSynthesisd
+from .prepare_data import REALCT, _liver_mask, _resampler
 
 PIXDIM = (1.5, 1.5, 3.0)
 #: (row title, case, host, lesion diameters in mm): the kinds of lesion the transform implants.
