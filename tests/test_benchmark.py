@@ -110,27 +110,6 @@ def test_wholebody_reference_runs_its_bundle_window_on_the_3mm_grid(case, monkey
     )
 
 
-def test_wholebody_reference_is_the_model_zoo_bundle_config():
-    """wholeBody_ct_segmentation's configs/inference.json at "highres": false (model-zoo commit 29c314e7)."""
-    assert benchmark.WHOLEBODY_NET == {
-        "spatial_dims": 3,
-        "in_channels": 1,
-        "out_channels": 105,
-        "init_filters": 32,
-        "blocks_down": (1, 2, 2, 4),
-        "blocks_up": (1, 1, 1),
-        "dropout_prob": 0.2,
-    }
-    assert benchmark.WHOLEBODY_PIXDIM == (3.0, 3.0, 3.0)
-    assert benchmark.WHOLEBODY_WINDOW == {
-        "roi_size": (96, 96, 96),
-        "sw_batch_size": 1,
-        "overlap": 0.25,
-        "mode": "gaussian",
-        "padding_mode": "replicate",
-    }
-
-
 def test_screen_cli_times_what_the_user_runs_and_batch_counts_scans_per_hour(case, tmp_path):
     img = case[0]
     c = benchmark.screen_cli(img, tmp_path)
