@@ -14,7 +14,14 @@ from monai.data import MetaTensor
 from monai.transforms import FgBgToIndicesd
 
 from scripts.data import DataError, check_case, load_datalist
-from scripts.transforms import CheckGeometryd, EnsureLabeld, HUWindowsd, LoadCTd, RandWindowCropd
+from scripts.transforms import (
+    CheckGeometryd,
+    EnsureLabeld,
+    HUWindowsd,
+    LoadCTd,
+    RandWindowCropd,
+    lesion_balanced_weights,
+)
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1] / "bundle"
 AFFINE = np.diag([1.5, 1.5, 3.0, 1.0])
@@ -270,3 +277,34 @@ def test_rand_window_crop_places_windows_like_the_inference_grid_and_zero_pads_t
     assert len(healthy) == 32 and all(int(s["label"].sum()) == 0 for s in healthy)
     with pytest.raises(ValueError, match="num_samples"):
         RandWindowCropd(["image"], roi_size=(8, 8, 4), context=(0, 0, 0), num_samples=4, pos=0, neg=0)
+
+
+def test_lesion_balanced_weights_give_each_lesion_the_same_share():
+    """Hand-computed: a 1-voxel and a 7-voxel lesion (diagonal neighbours are one lesion) get 1/2 each, so the
+    lone voxel weighs 1/2 and each of the 7 weighs 1/14; no lesion, no weights."""
+    label = torch.zeros(1, 10, 10, 6)
+    label[0, 1, 1, 1] = 1
+    label[0, 5:7, 5:7, 2] = 1
+    label[0, 5:7, 6, 3] = 1
+    label[0, 7, 7, 4] = 1  # touches (6, 6, 3) only by a corner
+    fg = np.flatnonzero(label[0].numpy())
+    weights = lesion_balanced_weights(label, fg)
+    lone = fg == np.ravel_multi_index((1, 1, 1), (10, 10, 6))
+    np.testing.assert_allclose(weights[lone], [0.5])
+    np.testing.assert_allclose(weights[~lone], np.full(7, 1 / 14))
+    assert lesion_balanced_weights(label, fg[:0]) is None
+
+
+def test_rand_window_crop_balances_windows_between_a_large_and_a_small_lesion():
+    """A 512-voxel and a 1-voxel lesion, far apart: per voxel the small one gets about 1 window in 500; balanced,
+    about half of them."""
+    label = torch.zeros(1, 40, 40, 20)
+    label[0, 2:10, 2:10, 2:10] = 1
+    label[0, 35, 35, 15] = 2  # a lesion as any other, marked to be told apart in the windows
+
+    def small_share(**kwargs) -> float:
+        samples = [s for seed in range(4) for s in _window_crops(label, seed=seed, pos=1, neg=0, **kwargs)]
+        return np.mean([bool((s["label"][0, 4:12, 4:12, 4:8] == 2).any()) for s in samples])
+
+    assert small_share() < 0.05
+    assert 0.3 < small_share(balance_lesions=True) < 0.7
