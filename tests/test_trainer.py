@@ -584,25 +584,27 @@ def _resume_and_run(ckpt_dir, max_epochs: int, n_saved: int) -> tuple[str | None
 
 
 class RecordingInferer(Inferer):
-    """SimpleInferer that records each call (input type and shape, keyword arguments) and its result."""
+    """SimpleInferer that records each call (input type and shape, extra positional and keyword arguments) and its
+    result; the network gets only ``glance``, the one argument it takes."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[type, tuple, dict]] = []
+        self.calls: list[tuple[type, tuple, tuple, dict]] = []
         self.results: list[torch.Tensor] = []
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args, **kwargs) -> torch.Tensor:
-        self.calls.append((type(inputs), tuple(inputs.shape), dict(kwargs)))
-        self.results.append(network(inputs, *args, **{k: v for k, v in kwargs.items() if k != "tag"}))
+        self.calls.append((type(inputs), tuple(inputs.shape), args, dict(kwargs)))
+        self.results.append(network(inputs, **{k: v for k, v in kwargs.items() if k == "glance"}))
         return self.results[-1]
 
 
 def _tagged_prepare_batch(seen: list):
-    """default_prepare_batch that records its keyword arguments and asks for one extra network keyword, ``tag``."""
+    """default_prepare_batch that records its keyword arguments and asks for extra network arguments: ``"extra"``
+    and the keyword ``tag``."""
 
     def prepare(batchdata, device=None, non_blocking=False, **kwargs):
         seen.append(kwargs)
         image, label = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
-        return image, label, (), {"tag": "from prepare_batch"}
+        return image, label, ("extra",), {"tag": "from prepare_batch"}
 
     return prepare
 
@@ -618,7 +620,7 @@ def test_inferer_and_to_kwargs_are_used_for_both_forward_passes():
     assert seen == [{"copy": True}]
     shape = (2 * GROUP, 1, *WINDOW)
     tag = {"tag": "from prepare_batch"}
-    assert [c[1:] for c in inferer.calls] == [(shape, tag), (shape, {**tag, "glance": True})]
+    assert [c[1:] for c in inferer.calls] == [(shape, ("extra",), tag), (shape, ("extra",), {**tag, "glance": True})]
     assert trainer.state.output["pred"] is inferer.results[0]
     assert inferer.results[1].shape == (2 * GROUP, 2)  # the Glance's keep/discard logits
 
@@ -626,10 +628,12 @@ def test_inferer_and_to_kwargs_are_used_for_both_forward_passes():
 @pytest.mark.parametrize("compile", [False, True])
 def test_compile_compiles_the_network_and_feeds_it_plain_tensors(monkeypatch, compile):
     """compile=True: SupervisedTrainer compiles the network and, as MONAI does for torch.compile, the iteration
-    hands it plain tensors, not MetaTensors (torch.compile is replaced by a recorder: compiling takes minutes)."""
+    hands it plain tensors, not MetaTensors, and leaves plain ones as they are (torch.compile is replaced by a
+    recorder: compiling takes minutes)."""
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda net, **kwargs: compiled.append(kwargs) or net)
-    batch = {k: MetaTensor(v) for k, v in _batch().items()}
+    batch = _batch()
+    batch["image"] = MetaTensor(batch["image"])  # the label stays a plain tensor
     inferer = RecordingInferer()
     trainer = _trainer(_net(), [batch], inferer=inferer, compile=compile, compile_kwargs={"mode": "default"})
     trainer.run()
