@@ -275,6 +275,29 @@ def decompress_s(path: str, repeats: int = 3) -> float:
     return min(runs)
 
 
+# What a fresh process pays before screening can start: the interpreter, torch, and torch with MONAI as the command
+# imports them (its unused optional packages skipped: scripts.cli.startup).
+START_UP = {
+    "python": "pass",
+    "import torch": "import torch",
+    "import torch and MONAI": "from scripts.cli import startup; startup.begin(); import monai.bundle",
+}
+
+
+def start_up_s(repeats: int = 3) -> dict[str, float]:
+    """Best-of-``repeats`` wall seconds of a fresh ``python -c`` process (from the bundle folder) running each of
+    ``START_UP``: the floor under the command's wall time that no screening work can lower."""
+    best = {}
+    for name, code in START_UP.items():
+        runs = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], cwd=BUNDLE_ROOT, check=True, capture_output=True)
+            runs.append(time.perf_counter() - start)
+        best[name] = min(runs)
+    return best
+
+
 def screen_cli(image: str, work: Path) -> dict:
     """One ``python -m scripts.cli.screen --input image`` in a fresh process: its wall time and peak RSS, each stage
     of its report, the in-engine total (reading to report written) and the time to only decompress the file."""
@@ -469,6 +492,7 @@ def benchmark(
         "command": " ".join(["python -m scripts.cli.benchmark", *sys.argv[1:]]),
         "data": {c: f"{Path(p).parent.name}, real" if c in found else "synthetic phantom" for c, p, _ in todo},
         "cli": {},
+        "start_up_s": None,
         "batch": None,
         "monailabel": None,
         "rows": [],
@@ -488,6 +512,9 @@ def benchmark(
                 flush=True,
             )
             write()
+        result["start_up_s"] = start_up_s()
+        print("start-up floor: " + ", ".join(f"{k} {v:.2f} s" for k, v in result["start_up_s"].items()), flush=True)
+        write()
         real = [p for _, p, _ in todo if not Path(p).name.startswith("phantom_")]
         real += sorted(str(p) for p in root.glob("**/*_ct.nii.gz") if str(p) not in real) if root.is_dir() else []
         if real[:batch_scans]:
@@ -560,6 +587,14 @@ def _markdown(result: dict, repeats: int) -> str:
             f"{s['focus']:.2f} | {s['postprocess']:.2f} | {s['save']:.2f} | {s['report']:.2f} | "
             f"{after_model_ratio(s):.2f}x | {c['peak_rss_gb']:.2f} |"
         )
+    floor = result.get("start_up_s")
+    if floor:
+        lines += [
+            "",
+            "Start-up floor, a fresh `python -c` process from start to exit (best of 3): "
+            + ", ".join(f"{k} {v:.2f} s" for k, v in floor.items())
+            + ". No screening work can bring the command's wall time under the last.",
+        ]
     batch = result.get("batch")
     if batch:
         lines += [
@@ -642,6 +677,14 @@ def after_model_ratio(stages: dict) -> float:
     )
 
 
+def _floor_note(floor: dict[str, float] | None, in_engine_s: float) -> str:
+    """Where importing torch alone takes longer than the whole in-engine work, the 2x target is out of reach of any
+    command that imports torch: say so beside the measured ratio."""
+    if not floor or floor["import torch"] <= in_engine_s:
+        return ""
+    return f" (importing torch alone: {floor['import torch']:.1f} s, more than the {in_engine_s:.1f} s in engine)"
+
+
 def _targets(result: dict, case: str = "ircadb1_1") -> list[str]:
     """The project's targets on ``case``, each with the measured value and met / missed (those measured)."""
     checks = []
@@ -659,7 +702,7 @@ def _targets(result: dict, case: str = "ircadb1_1") -> list[str]:
             ("load <= 1.5x decompress", f"{s['load'] / c['decompress_s']:.1f}x", s["load"] <= 1.5 * c["decompress_s"]),
             (
                 "command wall time <= 2x in engine",
-                f"{c['wall_s'] / c['in_engine_s']:.1f}x",
+                f"{c['wall_s'] / c['in_engine_s']:.1f}x" + _floor_note(result.get("start_up_s"), c["in_engine_s"]),
                 c["wall_s"] <= 2 * c["in_engine_s"],
             ),
             ("command peak RSS <= 3 GB", f"{c['peak_rss_gb']:.2f} GB", c["peak_rss_gb"] <= 3.0),
