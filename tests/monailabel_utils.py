@@ -6,9 +6,7 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -22,15 +20,12 @@ import SimpleITK as sitk
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless, generate_uid
 
+from scripts.cli.benchmark import copy_app_and_bundle as copy_app  # noqa: F401  (for the app tests)
+from scripts.cli.benchmark import free_port, start_monailabel
+
 REPO = Path(__file__).resolve().parents[1]
 APP_DIR, BUNDLE_DIR = REPO / "monailabel_app", REPO / "bundle"
 SHAPE, SPACING = (64, 64, 32), (1.6, 1.6, 3.0)  # one Glance window after resampling: seconds per inference
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def phantom(seed: int, lesions: bool = True, shape: Sequence[int] = SHAPE):
@@ -54,15 +49,6 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> Path:
     return path
 
 
-def copy_app(tmp: Path) -> tuple[Path, Path]:
-    """Copies of the app and the bundle: the server writes logs into the app folder and training writes weights
-    into the bundle, neither of which may touch the repository."""
-    app, bundle = tmp / "app", tmp / "bundle"
-    shutil.copytree(APP_DIR, app, ignore=shutil.ignore_patterns("__pycache__", "logs", "model", "bin"))
-    shutil.copytree(BUNDLE_DIR, bundle, ignore=shutil.ignore_patterns("__pycache__", "eval", "runs"))
-    return app, bundle
-
-
 def tree(path: Path) -> dict[str, float]:
     """Every file under ``path`` with its modification time: to show that nothing outside a folder changed."""
     return {str(p): p.stat().st_mtime for p in sorted(path.rglob("*")) if p.is_file()}
@@ -82,32 +68,10 @@ class Server:
     ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "monailabel.main",
-            "start_server",
-            "--app",
-            str(app),
-            "--studies",
-            studies,
-            "--conf",
-            "models",
-            "gf_screen",
-            "--conf",
-            "bundle_path",
-            str(bundle),
-            "--port",
-            str(self.port),
-        ]
-        cmd += ["--host", host] if host else []
-        cmd += [arg for key, value in (conf or {}).items() for arg in ("--conf", key, value)]
-        env = {**os.environ, "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "PYTHONPATH": "", **(env or {})}
+        extra = ["--host", host] if host else []
+        extra += [arg for key, value in (conf or {}).items() for arg in ("--conf", key, value)]
         self.log = app / "server.out"
-        with open(self.log, "w") as out:
-            self.process = subprocess.Popen(
-                cmd, cwd=app.parent, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
+        self.process = start_monailabel(app, studies, bundle, self.port, self.log, extra, env)
         self.client = httpx.Client(base_url=self.url, timeout=300)
         self._wait()
 

@@ -6,7 +6,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
+from scripts.cli.benchmark import free_port
 from scripts.phantom import make_phantom, write_phantom_dataset
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1] / "bundle"
@@ -67,7 +67,7 @@ def _torchrun(cwd: Path, run_id: str, configs: str, *args: str, timeout: int = 4
         "torch.distributed.run",
         "--nnodes=1",
         "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
+        f"--master_port={free_port()}",
         "-m",
         "monai.bundle",
         "run",
@@ -77,12 +77,6 @@ def _torchrun(cwd: Path, run_id: str, configs: str, *args: str, timeout: int = 4
         *args,
     ]
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=_env(threads=1))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _fail(proc) -> str:

@@ -353,10 +353,43 @@ def scans_per_hour(scans: int, wall_s: float) -> float:
     return 3600.0 * scans / wall_s
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on the loopback interface now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def copy_app_and_bundle(dest: Path) -> tuple[Path, Path]:
+    """Copies of the MONAI Label app and this bundle as ``dest/app`` and ``dest/bundle``, without logs, caches and
+    training output: a running server writes into both."""
+    app, bundle = dest / "app", dest / "bundle"
+    shutil.copytree(
+        BUNDLE_ROOT.parent / "monailabel_app", app, ignore=shutil.ignore_patterns("__pycache__", "logs", "model", "bin")
+    )
+    shutil.copytree(BUNDLE_ROOT, bundle, ignore=shutil.ignore_patterns("__pycache__", "eval", "runs"))
+    return app, bundle
+
+
+def start_monailabel(
+    app: Path,
+    studies: Path | str,
+    bundle: Path,
+    port: int,
+    log: Path,
+    extra_args: Sequence[str] = (),
+    env: dict | None = None,
+) -> subprocess.Popen:
+    """``monailabel start_server`` as its CLI script runs it, serving ``gf_screen`` from ``bundle`` on 127.0.0.1
+    ``port`` (plus ``extra_args``), output to ``log``, in a session of its own: killing that process group stops the
+    server with its train and scoring subprocesses. Scoring after each label is off (``env`` adds to the rest)."""
+    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies)]
+    cmd += ["--conf", "models", "gf_screen", "--conf", "bundle_path", str(bundle), "--port", str(port), *extra_args]
+    env = {**os.environ, "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "PYTHONPATH": "", **(env or {})}
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            cmd, cwd=app.parent, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def monailabel_round_trip(image: str, work: Path, repeats: int = 2, start_timeout: float = 600) -> dict:
@@ -365,37 +398,15 @@ def monailabel_round_trip(image: str, work: Path, repeats: int = 2, start_timeou
     loads the network. The server's start-up is reported apart."""
     import httpx  # only here: a MONAI Label client dependency, not a screening one
 
-    repo = BUNDLE_ROOT.parent
     root = Path(tempfile.mkdtemp(prefix="mlabel_", dir=work))
-    app, bundle, studies = root / "app", root / "bundle", root / "studies"
-    shutil.copytree(repo / "monailabel_app", app, ignore=shutil.ignore_patterns("__pycache__", "logs", "model", "bin"))
-    shutil.copytree(BUNDLE_ROOT, bundle, ignore=shutil.ignore_patterns("__pycache__", "eval", "runs"))
+    app, bundle = copy_app_and_bundle(root)
+    studies = root / "studies"
     studies.mkdir()
     name = Path(image).name
     shutil.copy(image, studies / name)
-    port = _free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "monailabel.main",
-        "start_server",
-        "--app",
-        str(app),
-        "--studies",
-        str(studies),
-        "--conf",
-        "models",
-        "gf_screen",
-        "--conf",
-        "bundle_path",
-        str(bundle),
-        "--port",
-        str(port),
-    ]
-    env = {**os.environ, "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "PYTHONPATH": ""}
+    port = free_port()
     start = time.perf_counter()
-    with open(root / "server.out", "w") as log:
-        server = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = start_monailabel(app, studies, bundle, port, root / "server.out")
     try:
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=1800)
         while True:
