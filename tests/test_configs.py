@@ -158,11 +158,13 @@ def test_paper_override_composes_with_each_base(base):
 
 
 def test_configs_reference_the_library_and_command_line_tools_stay_apart():
-    """What configs reference lives in ``scripts`` (and imports); ``scripts.cli`` holds only tools people run, each
-    one runnable, and no library module imports them."""
+    """What configs reference (``_target_`` and ``$`` expressions) lives in ``scripts`` (and imports);
+    ``scripts.cli`` holds only tools people run, each one runnable, and no library module imports them."""
     scripts = CONFIGS.parent / "scripts"
     referenced = {
-        m.group(1) for config in CONFIGS.glob("*.json") for m in re.finditer(r"scripts\.([a-z_]+)", config.read_text())
+        m.group(1)
+        for config in CONFIGS.glob("*.json")
+        for m in re.finditer(r'(?:"_target_": "|"\$[^"]*?)scripts\.([a-z_]+)', config.read_text())
     }
     assert len(referenced) >= 8 and {n for n in referenced if not (scripts / f"{n}.py").is_file()} == set()
     for name in referenced:
