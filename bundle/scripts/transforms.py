@@ -1,5 +1,5 @@
 """Dictionary transforms GF-Screen adds to MONAI's: CT intensity windows, missing labels, input checks, the
-training crops of windows with context, and lesion synthesis on real anatomy."""
+training crops of windows with context, lesion synthesis on real anatomy and real nodules pasted into real lungs."""
 
 from __future__ import annotations
 
@@ -442,3 +442,96 @@ class RandLesionSynthesisd(RandomizableTransform, MapTransform):
             sign = -1.0 if self.R.rand() < self.p_hypo else 1.0
             return host_hu + sign * float(self.R.uniform(*self.liver_shift))
         return host_hu + float(self.R.choice([-1.0, 1.0])) * float(self.R.uniform(*self.soft_shift))
+
+
+def load_nodule_bank(path: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (HU patch, nodule mask) pairs of a bank written by the ``prepare_data`` tool (``nodules.npz``:
+    ``hu_<i>`` int16 and ``mask_<i>`` uint8 arrays on the training grid, each trimmed around its nodule)."""
+    with np.load(path) as bank:
+        count = sum(1 for k in bank.files if k.startswith("hu_"))
+        pairs = [(bank[f"hu_{i}"].astype(np.float32), bank[f"mask_{i}"] > 0) for i in range(count)]
+    if not pairs or any(m.shape != h.shape or not m.any() for h, m in pairs):
+        raise ValueError(f"{path}: a nodule bank needs matching, non-empty hu_<i> / mask_<i> pairs; got {count}.")
+    return pairs
+
+
+class RandNodulePasted(RandomizableTransform, MapTransform):
+    """Paste real lung nodules from a bank into the lungs of a CT in HU and add them to its label (copy-paste).
+
+    The real lesions of the training CTs are all large; small ones are otherwise only synthetic
+    (:class:`RandLesionSynthesisd`). Real nodules (LIDC-IDRI crops, resampled to the training grid) bring real
+    shapes, margins, spicules and texture. With probability ``prob`` a scan receives 1 to ``max_nodules`` nodules,
+    each randomly flipped, at a random lung voxel of the ``hosts`` map (:class:`LesionHostsd`) where the nodule and
+    ``margin`` voxels around it are all lung; the nodule's voxels are copied and become label, the ring around
+    them blended with a ``blend_sigma`` Gaussian. No bank (``bank=None``) or no lung leaves the scan unchanged.
+    The bank is read on first use.
+    """
+
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
+
+    def __init__(
+        self,
+        bank: str | None,
+        image_key: str = "image",
+        label_key: str = "label",
+        hosts_key: str = "hosts",
+        prob: float = 0.5,
+        max_nodules: int = 3,
+        margin: int = 1,
+        blend_sigma: float = 0.5,
+        tries: int = 10,
+    ) -> None:
+        RandomizableTransform.__init__(self, prob)
+        MapTransform.__init__(self, [image_key, label_key])
+        if max_nodules < 1 or margin < 0 or tries < 1:
+            raise ValueError(f"need max_nodules >= 1, margin >= 0, tries >= 1; got {max_nodules}, {margin}, {tries}.")
+        self.bank_path, self.bank = bank, None
+        self.image_key, self.label_key, self.hosts_key = image_key, label_key, hosts_key
+        self.max_nodules, self.margin, self.blend_sigma, self.tries = max_nodules, margin, blend_sigma, tries
+        self.pasted: list[dict] = []
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        self.pasted = []
+        self.randomize(None)
+        if not self._do_transform or self.bank_path is None:
+            return d
+        if self.bank is None:
+            self.bank = load_nodule_bank(self.bank_path)
+        hosts = np.asarray(d[self.hosts_key])[0].copy()
+        lung = np.flatnonzero(hosts == HOSTS["lung"])
+        if len(lung) == 0:
+            return d
+        image = torch.as_tensor(d[self.image_key]).clone().float()
+        label = torch.as_tensor(d[self.label_key]).clone()
+        for _ in range(self.R.randint(1, self.max_nodules + 1)):
+            for _ in range(self.tries):
+                if self._paste(image[0], label[0], hosts, lung):
+                    break
+        d[self.image_key], d[self.label_key] = image, label
+        return d
+
+    def _paste(self, hu: torch.Tensor, label: torch.Tensor, hosts: np.ndarray, lung: np.ndarray) -> bool:
+        """Try one nodule at one lung voxel, in place; False where it does not fit inside the lung."""
+        index = self.R.randint(len(self.bank))
+        patch, mask = self.bank[index]
+        flips = tuple(a for a in range(3) if self.R.rand() < 0.5)
+        patch, mask = np.flip(patch, flips), np.flip(mask, flips)
+        centre = np.unravel_index(int(lung[self.R.randint(len(lung))]), hosts.shape)
+        start = [c - s // 2 for c, s in zip(centre, mask.shape)]
+        if any(a < 0 or a + s > n for a, s, n in zip(start, mask.shape, hosts.shape)):
+            return False
+        box = tuple(slice(a, a + s) for a, s in zip(start, mask.shape))
+        reach = ndimage.binary_dilation(mask, iterations=self.margin) if self.margin else mask
+        if not (hosts[box][reach] == HOSTS["lung"]).all():
+            return False
+        # the nodule's own voxels are copied as they are (a blur inside would fade a few-voxel nodule to half its
+        # contrast); only the ring around it blends the crop's surroundings into the host lung
+        alpha = ndimage.gaussian_filter(mask.astype(float), self.blend_sigma, mode="constant")
+        alpha = np.where(mask, 1.0, np.minimum(alpha, 0.49)) * reach
+        region = hu[box].numpy()
+        hu[box] = torch.as_tensor((1 - alpha) * region + alpha * patch, dtype=hu.dtype)
+        label[box] = torch.where(torch.as_tensor(mask.copy()), torch.ones_like(label[box]), label[box])
+        hosts[box][reach] = HOSTS["none"]
+        self.pasted.append({"nodule": int(index), "centre": [int(c) for c in centre], "voxels": int(mask.sum())})
+        return True

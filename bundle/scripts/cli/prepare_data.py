@@ -52,6 +52,32 @@ def _liver_mask(organs: Path) -> np.ndarray | None:
     return np.isin(np.asarray(nib.load(str(organs)).dataobj), values).astype(np.uint8)
 
 
+def write_nodule_bank(crops: list[Path], pixdim: tuple[float, float, float], path: Path, margin: int = 2) -> int:
+    """Resample LIDC-IDRI nodule crops (``image/`` and ``nodule_mask/`` files of one name) to the training grid and
+    save each, trimmed to its nodule plus ``margin`` voxels, as ``hu_<i>`` / ``mask_<i>`` in ``path`` (the bank
+    of ``scripts.transforms.RandNodulePasted``); returns how many were kept (a nodule can vanish below one voxel)."""
+    resample = Compose(
+        [
+            LoadImaged(["image", "label"], ensure_channel_first=True),
+            Orientationd(["image", "label"], axcodes="RAS"),
+            Spacingd(["image", "label"], pixdim=pixdim, mode=["bilinear", "nearest"]),
+        ]
+    )
+    arrays: dict[str, np.ndarray] = {}
+    for image in tqdm(crops, desc="nodule bank", unit="nodule"):
+        d = resample({"image": str(image), "label": str(image.parent.parent / "nodule_mask" / image.name)})
+        mask = d["label"][0].numpy() > 0
+        if not mask.any():
+            continue
+        box = tuple(slice(max(int(i.min()) - margin, 0), int(i.max()) + margin + 1) for i in np.nonzero(mask))
+        i = len(arrays) // 2
+        arrays[f"hu_{i}"] = np.round(d["image"][0].numpy()[box]).astype(np.int16)
+        arrays[f"mask_{i}"] = mask[box].astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **arrays)
+    return len(arrays) // 2
+
+
 def _save(array: np.ndarray, affine: np.ndarray, path: Path, dtype: type) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(np.round(array).astype(dtype), affine), str(path))
@@ -64,13 +90,16 @@ def prepare(
     pixdim: tuple[float, float, float] = (1.5, 1.5, 3.0),
     lidc_crops: int = 0,
     phantoms: int = 24,
+    nodule_bank: bool = True,
     seed: int = 0,
 ) -> str:
     """Write resampled cases and ``dataset.json`` (relative paths) into ``out_dir``; returns its path.
 
     ``lidc_crops`` LIDC-IDRI nodule crops join the training split (default none: they are ~25 x 30 x 9 voxels on
     the training grid, so their windows are mostly air padding, and a Glance trained on 60 of them learnt that
-    tissue beside air means lesion; see the model card)."""
+    tissue beside air means lesion; see the model card). With ``nodule_bank`` every LIDC-IDRI crop is instead
+    written to ``nodules.npz``, the bank of real nodules that training pastes into real lungs
+    (``scripts.transforms.RandNodulePasted``; no LIDC patient is in the validation split)."""
     src, out = Path(realct), Path(out_dir).resolve()
     cases = json.loads((src / "datalist.json").read_text())["cases"]
     items = [
@@ -82,6 +111,8 @@ def prepare(
     rng = np.random.default_rng(seed)
     for img in rng.choice(crops, size=min(lidc_crops, len(crops)), replace=False) if crops else []:
         items.append((img.name[: -len(".nii.gz")], img, img.parent.parent / "nodule_mask" / img.name, None))
+    if nodule_bank and crops:
+        write_nodule_bank(crops, pixdim, out / "nodules.npz")
     split: dict[str, list] = {"training": [], "validation": []}
     for case, image, label, organs in tqdm(items, desc="resampling real CT", unit="case"):
         validation = case in VALIDATION
