@@ -211,3 +211,14 @@ def test_nodule_bank_is_resampled_to_the_grid_trimmed_and_skips_empty_masks(tmp_
     np.savez_compressed(tmp_path / "bad.npz", hu_0=hu, mask_0=np.zeros_like(mask))
     with pytest.raises(ValueError, match="non-empty"):
         load_nodule_bank(str(tmp_path / "bad.npz"))
+
+
+def test_gallery_shows_a_pasted_nodule_large_enough_to_see(bank):
+    from scripts.cli.synthesis_gallery import _pasted
+
+    d = _hosts(_body())
+    after, rec = _pasted(d, bank, min_voxels=50, seed=0)
+    assert rec["voxels"] >= 50 and "30 HU" in rec["text"]  # the 7 x 7 x 5 ball, its copied HU in the caption
+    assert int(((after["label"] > 0) & (d["label"] == 0)).sum()) == rec["voxels"]
+    with pytest.raises(ValueError, match="no nodule"):
+        _pasted(d, bank, min_voxels=10_000, seed=0)
