@@ -97,9 +97,9 @@ def prepare(
 
     ``lidc_crops`` LIDC-IDRI nodule crops join the training split (default none: they are ~25 x 30 x 9 voxels on
     the training grid, so their windows are mostly air padding, and a Glance trained on 60 of them learnt that
-    tissue beside air means lesion; see the model card). With ``nodule_bank`` every LIDC-IDRI crop is instead
-    written to ``nodules.npz``, the bank of real nodules that training pastes into real lungs
-    (``scripts.transforms.RandNodulePasted``; no LIDC patient is in the validation split)."""
+    tissue beside air means lesion; see the model card). With ``nodule_bank`` the nodule of every LIDC-IDRI crop
+    is written to ``nodules.npz``, the bank that training can paste into real lungs (``nodule_bank`` setting of
+    train.json, ``scripts.transforms.RandNodulePasted``; no LIDC patient is in the validation split)."""
     src, out = Path(realct), Path(out_dir).resolve()
     cases = json.loads((src / "datalist.json").read_text())["cases"]
     items = [
