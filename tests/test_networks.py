@@ -324,7 +324,66 @@ def test_train_json_pretrained_initialises_both_networks_before_training(tmp_pat
     for (name, loaded), expected in zip(network.state_dict().items(), source.state_dict().values()):
         torch.testing.assert_close(loaded, expected, msg=name)
 
+    parser = _parser("train.json")
+    assert parser["pretrained_widen"] is False
+    parser["pretrained"], parser["pretrained_widen"] = str(tmp_path / "model.pt"), True
+    parser.get_parsed_content("run#1")  # widening a Focus of the same width copies it
+    network = parser.get_parsed_content("network")
+    for (name, loaded), expected in zip(network.state_dict().items(), source.state_dict().values()):
+        torch.testing.assert_close(loaded, expected, msg=name)
+
     focus_only = {k: v for k, v in source.state_dict().items() if k.startswith("focus.")}
     torch.save(focus_only, tmp_path / "focus.pt")
     with pytest.raises(ValueError, match="no Glance and Focus weights"):
         load_pretrained(_parser("train.json").get_parsed_content("network_def"), str(tmp_path / "focus.pt"))
+
+
+def _unet(channels, num_res_units: int = 1) -> UNet:
+    return UNet(3, 2, 2, channels=channels, strides=(2, 2), num_res_units=num_res_units, norm="batch")
+
+
+@pytest.mark.parametrize("num_res_units", [0, 1])
+def test_widen_unet_state_keeps_the_narrow_output(num_res_units):
+    from scripts.networks import widen_unet_state
+
+    torch.manual_seed(0)
+    narrow, wide = _unet((4, 8, 16), num_res_units), _unet((8, 12, 32), num_res_units)  # uneven: skip splits differ
+    for module in narrow.modules():
+        if isinstance(module, torch.nn.BatchNorm3d):  # trained-looking statistics, not the identity of a fresh norm
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+            torch.nn.init.normal_(module.weight)
+    fresh = {k: v.clone() for k, v in wide.state_dict().items()}
+    wide.load_state_dict(widen_unet_state(narrow.state_dict(), wide))
+    x = torch.randn(2, 2, 16, 16, 8)
+    for train in (False, True):  # running statistics, then batch statistics
+        narrow.train(train)
+        wide.train(train)
+        torch.testing.assert_close(wide(x), narrow(x), atol=1e-5, rtol=1e-5)
+    first = next(k for k, v in fresh.items() if v.dim() > 1)
+    assert torch.equal(wide.state_dict()[first][4:], fresh[first][4:])  # new channels keep their random weights
+    assert wide.state_dict()[first][4:].abs().sum() > 0
+
+
+def test_widen_unet_state_refuses_what_does_not_fit():
+    from scripts.networks import widen_unet_state
+
+    with pytest.raises(ValueError, match="layout"):
+        widen_unet_state(_unet((4, 8, 16), 0).state_dict(), _unet((8, 16, 32), 1))
+    with pytest.raises(ValueError, match="does not fit"):
+        widen_unet_state(_unet((8, 16, 32)).state_dict(), _unet((4, 8, 16)))
+
+
+def test_load_pretrained_widens_the_focus_and_keeps_the_glance(tmp_path):
+    torch.manual_seed(0)
+    source = GlanceFocusNet(_small_glance(2), _unet((4, 8, 16))).eval()
+    torch.save(source.state_dict(), tmp_path / "model.pt")
+    target = GlanceFocusNet(_small_glance(2), _unet((8, 16, 32)))
+    with pytest.raises(RuntimeError, match="size mismatch"):  # without widen a wider Focus is an error
+        load_pretrained(target, str(tmp_path / "model.pt"))
+    load_pretrained(target, str(tmp_path / "model.pt"), widen=True).eval()
+    x = torch.randn(1, 2, 16, 16, 8)
+    torch.testing.assert_close(target(x), source(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(target(x, glance=True), source(x, glance=True))
+    with pytest.raises(ValueError, match="MONAI UNet"):
+        load_pretrained(GlanceFocusNet(_small_glance(2), _small_glance(2)), str(tmp_path / "model.pt"), widen=True)

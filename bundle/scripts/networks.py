@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution, ResidualUnit
+from monai.networks.nets import UNet
 from torch import nn
 
 KEEP = 1  # index of the "keep" logit; 0 is "discard"
@@ -153,15 +154,64 @@ def load_focus(network: nn.Module, path: str) -> nn.Module:
     return network
 
 
-def load_pretrained(network: nn.Module, path: str) -> nn.Module:
+def load_pretrained(network: nn.Module, path: str, widen: bool = False) -> nn.Module:
     """Initialise the whole ``network`` (Glance and Focus, possibly DDP-wrapped) from a ``model.pt``, to fine-tune
     trained weights with other settings (0.6.0 was 0.5.0 fine-tuned with a larger Focus window: both networks are
-    fully convolutional, so their weights fit any window size)."""
+    fully convolutional, so their weights fit any window size). With ``widen`` the Focus of ``network`` may be a
+    wider MONAI ``UNet`` than the saved one: the saved Focus is embedded by :func:`widen_unet_state`, so a wider
+    Focus starts from trained weights instead of from scratch."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not any(k.startswith("focus.") for k in state) or not any(k.startswith("glance.") for k in state):
         raise ValueError(f"{path} holds no Glance and Focus weights ('glance.*', 'focus.*'): not a GF-Screen model.pt.")
+    if widen:
+        focus = unwrap(network).focus
+        if not isinstance(focus, UNet):
+            raise ValueError(f"widen needs a MONAI UNet Focus in network_def, not {type(focus).__name__}.")
+        narrow = {k.removeprefix("focus."): v for k, v in state.items() if k.startswith("focus.")}
+        state = {k: v for k, v in state.items() if not k.startswith("focus.")}
+        state.update({f"focus.{k}": v for k, v in widen_unet_state(narrow, focus).items()})
     unwrap(network).load_state_dict(state)
     return network
+
+
+def widen_unet_state(narrow: dict[str, torch.Tensor], wide: UNet) -> dict[str, torch.Tensor]:
+    """The state of ``wide`` (a MONAI ``UNet``) with the weights of a narrower UNet of the same layout embedded,
+    such that ``wide`` computes exactly the narrow network's output (function-preserving widening, as in
+    Net2WiderNet, Chen et al. 2016, but with zeros instead of copies).
+
+    Every old channel keeps its index (in a skip concatenation: its index within each of the two parts) and its
+    weights; weights from a new channel into an old one are zero, so the new channels cannot change the output
+    until training makes them useful; a new channel's own weights keep ``wide``'s random initialisation, so its
+    gradients are not zero. Normalisation is per channel (batch or instance), so old channels normalise as before.
+    """
+    target = {k: v.clone() for k, v in wide.state_dict().items()}
+    if set(narrow) != set(target):
+        raise ValueError("the saved Focus and the Focus of network_def differ in layout (other depth, units or norm)")
+    # the first (transposed) convolution of each decoder level (model...2) reads cat(skip, deeper output): its
+    # input splits in two after the skip's channels, the output channels of the level's encoder layer (model...0)
+    splits = {}
+    for level in range(len(wide.channels) - 1):
+        prefix = f"model.{'1.submodule.' * level}"
+        skip_narrow = next(v.shape[0] for k, v in narrow.items() if k.startswith(f"{prefix}0.") and v.dim() > 1)
+        up = next(k for k, v in narrow.items() if k.startswith(f"{prefix}2.") and v.dim() > 1)
+        splits[up] = (skip_narrow, wide.channels[level])
+    for key, old in narrow.items():
+        new = target[key]
+        if old.dim() != new.dim() or any(o > n for o, n in zip(old.shape, new.shape)):
+            raise ValueError(f"{key}: saved shape {tuple(old.shape)} does not fit {tuple(new.shape)}")
+        if old.dim() <= 1:  # per output channel (bias, norm weights and statistics, PReLU slope), batch counter
+            new.view(-1)[: old.numel()] = old.view(-1)
+            continue
+        out_dim = 1 if wide.get_submodule(key.rsplit(".", 1)[0]).transposed else 0
+        in_dim = 1 - out_dim
+        in_index = torch.arange(old.shape[in_dim])
+        if key in splits:
+            skip_narrow, skip_wide = splits[key]
+            in_index[skip_narrow:] += skip_wide - skip_narrow
+        old_out = new.narrow(out_dim, 0, old.shape[out_dim])
+        old_out.zero_()
+        old_out.index_copy_(in_dim, in_index, old)
+    return target
 
 
 def unwrap(network: nn.Module) -> nn.Module:
